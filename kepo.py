@@ -1,0 +1,510 @@
+"""KEPO: Knowledge-Enhanced Preference Optimization (arXiv 2602.00400), in one file.
+
+KEPO is GRPO for vision-language models with two additions from a stronger teacher:
+  * quality-gated on-policy distillation: a token-level generalized JSD to the teacher, on
+    the student's own samples, but only on trajectories whose reward reaches tau;
+  * knowledge-enhanced exploration: when a group has no correct rollout (the "learning
+    cliff", where GRPO's advantages are all zero), the teacher writes a hint from the ground
+    truth, the student samples with the hint, and correct hinted samples replace rollouts of
+    that group under the ORIGINAL hint-free prompt.
+Objective (paper, eq. 7):
+  J = E[(1/G) sum_i (A_i-weighted PG term - 1{r_i >= tau} D_JSD(pi_T || pi_theta)(y_i|x))]
+      - beta * KL(pi_theta || pi_ref)
+
+Map from SPEC.md section 3 (one training step) to this file, in reading order:
+  1. generation ............ generate_rollouts, completion_logits, selective_logps
+  2. reward ................ format_reward, accuracy_reward, kepo_reward
+  4-5. GRPO ................ group_advantages, policy_loss
+  6. quality gate .......... quality_gate
+  7. teacher divergence .... generalized_jsd, distillation_loss
+  3. hint learning ......... extract_hint, write_hints
+  3. rejection sampling .... rejection_sample, inject, knowledge_enhance
+  8. total loss and step ... kepo_loss, kepo_step (method = grpo | opd | kdpo | kepo)
+Step 3 is defined after 7 only so that each function is read after the ones it uses.
+
+Deliberate differences from the authors' code (SPEC.md section 4), each with its reason:
+  * Trigger per group, accept per sample: only groups with no correct rollout get hints,
+    and each correct hinted sample is kept on its own. The authors trigger the whole
+    device batch when any group is all-zero and accept a try only if every hinted sample
+    on the device is correct, which wastes correct samples and hints easy prompts.
+  * Trigger on accuracy (`cliff_trigger="accuracy"`): the learning cliff is "no rollout is
+    correct"; the authors' "total reward all zero" also needs the format to fail, which a
+    format-trained model rarely does. `cliff_trigger="reward"` restores theirs.
+  * Replace without replacement, failed rollouts first: the authors draw slots with
+    randint, so one slot can be overwritten twice and a correct rollout can be lost.
+  * Empty gate gives exactly 0, not 0/0 = NaN.
+  * The teacher runs only on gated rows (the authors run it on all rows and mask after):
+    same loss, less compute.
+  * tau is explicit: r = accuracy + format, so tau=1 admits a well-formatted wrong answer
+    and tau=2 only correct, well-formatted ones; both are run in the README's ablation.
+  * format_reward rejects repeated or nested tags: the authors' regex accepts
+    `<answer>A</answer><answer>B</answer>`, which lets a policy hedge across answers.
+Simplifications: one optimisation pass per batch (so old log-probs are the current ones
+detached and the PPO ratio is 1, as in the authors' runs); one image per prompt; teacher
+and student share the tokenizer and image processor (token-level divergence needs the same
+vocabulary, as in GKD).
+
+Adapting a new model family: everything here takes `PromptBatch.vision`, the keyword
+arguments the model's forward takes besides input_ids/attention_mask. `index_vision` is the
+only code that knows their layout: batch-first tensors (LLaVA, SmolVLM, PaliGemma:
+pixel_values [B, 3, H, W]) are indexed on dim 0; Qwen2-VL style flattened patches are
+regrouped with `image_grid_thw`. A family with another layout needs a branch there.
+"""
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+
+METHODS = ("grpo", "opd", "kdpo", "kepo")
+
+
+@dataclass
+class KEPOConfig:
+    """Hyperparameters of one KEPO step; defaults are the authors' released KEPO runs."""
+    group_size: int = 8  # G: completions sampled per prompt
+    temperature: float = 0.9  # sampling temperature of rollouts, hints and hinted samples
+    top_p: float = 0.95  # nucleus sampling (top_k is always off)
+    max_new_tokens: int = 1024  # completion length cap
+    max_hint_tokens: int = 64  # cap on the teacher's hint length
+    clip_eps: float = 0.2  # PPO clip range (inactive with one pass per batch: ratio is 1)
+    beta_rl: float = 0.0  # weight of the k3 KL to a reference model (0: no reference needed)
+    tau: float | None = 1.0  # quality gate r_i >= tau for distillation; None disables it
+    beta_jsd: float = 0.5  # generalized JSD mixture: 0 forward KL, 1 reverse KL
+    jsd_temperature: float = 1.0  # temperature of teacher and student logits in the JSD
+    distill_coef: float = 1.0  # weight of the distillation loss in the total loss
+    num_hinted: int = 2  # K: hinted samples kept (and rollouts replaced) per triggered group
+    max_attempts: int = 5  # rejection-sampling tries per triggered group
+    hint_mode: str = "adaptive"  # "adaptive": hints for cliff groups only; "always": every group
+    cliff_trigger: str = "accuracy"  # cliff = no correct rollout ("accuracy") or all-zero reward ("reward")
+    max_grad_norm: float = 1.0  # gradient clipping
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Generation (SPEC 3.1): G samples per prompt from the current student
+# ---------------------------------------------------------------------------------------
+def index_vision(vision: dict, index: torch.Tensor) -> dict:
+    """Vision inputs of prompts `index` [M] (repeats allowed), as the model's forward takes them.
+
+    Batch-first tensors ([B, ...]) are indexed on dim 0. Qwen2-VL style inputs hold the
+    patches of all images in one pixel_values [sum_b t_b*h_b*w_b, D] with image_grid_thw
+    [B, 3]; they are split per image and regrouped.
+    """
+    if "image_grid_thw" in vision:
+        grid = vision["image_grid_thw"]
+        patches = vision["pixel_values"].split(grid.prod(-1).tolist())
+        rest = {k: v[index] for k, v in vision.items() if k not in ("pixel_values", "image_grid_thw")}
+        return {**rest, "pixel_values": torch.cat([patches[i] for i in index.tolist()]),
+                "image_grid_thw": grid[index]}
+    return {k: v[index] for k, v in vision.items()}
+
+
+@dataclass
+class PromptBatch:
+    """B tokenized prompts, left-padded, with their vision inputs."""
+    input_ids: torch.Tensor  # [B, P]
+    attention_mask: torch.Tensor  # [B, P]
+    vision: dict = field(default_factory=dict)  # model forward kwargs, e.g. pixel_values [B, 3, H, W]
+
+    def select(self, index) -> "PromptBatch":
+        index = torch.as_tensor(index, dtype=torch.long, device=self.input_ids.device)
+        return PromptBatch(self.input_ids[index], self.attention_mask[index], index_vision(self.vision, index))
+
+
+@dataclass
+class Rollouts:
+    """N = B*G sampled completions; row i belongs to prompt i // G (groups are consecutive)."""
+    prompts: PromptBatch  # the prompt of every row: input_ids [N, P]
+    completion_ids: torch.Tensor  # [N, T], pad after the first EOS
+    completion_mask: torch.Tensor  # [N, T], 1 up to and including the first EOS
+    texts: list[str]  # N decoded completions
+
+    def select(self, index) -> "Rollouts":
+        index = torch.as_tensor(index, dtype=torch.long, device=self.completion_ids.device)
+        return Rollouts(self.prompts.select(index), self.completion_ids[index],
+                        self.completion_mask[index], [self.texts[i] for i in index.tolist()])
+
+
+def suppressed_ids(tokenizer, model) -> list[int]:
+    """Token ids a policy must never sample: pad, BOS, UNK and the image placeholder.
+
+    A sampled image token breaks the next forward with pixel_values; the same ids are masked
+    when scoring so that sampling and scoring use one distribution. EOS is never suppressed
+    (some tokenizers use it as pad).
+    """
+    image_id = getattr(model.config, "image_token_id", None)
+    if image_id is None:
+        image_id = getattr(model.config, "image_token_index", None)
+    ids = {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id, image_id}
+    return sorted(ids - {None, tokenizer.eos_token_id})
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """[N, T] int mask: 1 up to and including the first EOS, all ones if there is none.
+
+    `generate` pads after EOS with pad_token_id, which may equal EOS, so `!= pad` is wrong.
+    """
+    is_eos = completion_ids == eos_id
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), completion_ids.shape[1])
+    return (torch.arange(completion_ids.shape[1], device=completion_ids.device) <= first[:, None]).int()
+
+
+@torch.no_grad()
+def generate_rollouts(model, tokenizer, prompts: PromptBatch, group_size: int, *, temperature: float,
+                      top_p: float = 1.0, max_new_tokens: int, suppress: list[int] = ()) -> Rollouts:
+    """Sample `group_size` completions per prompt with `model.generate`; temperature 0 is greedy.
+
+    Returns Rollouts with N = B*group_size rows, prompts repeated in place (row i -> prompt i // G).
+    """
+    rows = prompts.select(torch.arange(len(prompts.input_ids)).repeat_interleave(group_size))
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 \
+        else dict(do_sample=False)
+    out = model.generate(input_ids=rows.input_ids, attention_mask=rows.attention_mask, **rows.vision,
+                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, suppress_tokens=list(suppress) or None,
+                         **sampling)
+    ids = out[:, rows.input_ids.shape[1]:]
+    mask = completion_mask(ids, tokenizer.eos_token_id)
+    ids = ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+    return Rollouts(rows, ids, mask, tokenizer.batch_decode(ids, skip_special_tokens=True))
+
+
+def completion_logits(model, rollouts: Rollouts, suppress: list[int] = ()) -> torch.Tensor:
+    """[N, T, V] logits that predict each completion token (position t predicts token t).
+
+    One forward over prompt + completion; `logits_to_keep` drops the prompt's logits.
+    Suppressed ids get a large negative logit, not -inf: a full-vocabulary KL multiplies
+    p * (log p - log q), and 0 * (-inf + inf) is NaN.
+    """
+    p, t = rollouts.prompts.input_ids, rollouts.completion_ids
+    out = model(input_ids=torch.cat([p, t], 1),
+                attention_mask=torch.cat([rollouts.prompts.attention_mask, rollouts.completion_mask], 1),
+                **rollouts.prompts.vision, logits_to_keep=t.shape[1] + 1, use_cache=False)
+    logits = out.logits[:, :-1]
+    if suppress:
+        logits = logits.index_fill(-1, torch.tensor(list(suppress), device=logits.device), -1e9)
+    return logits
+
+
+def selective_logps(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """[N, T] log pi(ids | prefix) from logits [N, T, V], in fp32 one row at a time.
+
+    Only the gathered values are kept: a full fp32 log_softmax of [N, T, V] is never held.
+    """
+    return torch.stack([(row.float() / temperature).log_softmax(-1).gather(-1, i[:, None]).squeeze(-1)
+                        for row, i in zip(logits, ids)])
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Reward (SPEC 3.2): r = accuracy + format, each 0 or 1
+# ---------------------------------------------------------------------------------------
+_TAG = r"</?(?:think|answer)>"
+_FREE = rf"(?:(?!{_TAG}).)*"  # text without think/answer tags: rejects nested or repeated tags
+FORMAT_RE = re.compile(rf"\s*<think>{_FREE}</think>\s*<answer>{_FREE}</answer>\s*", re.S)
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.S)
+LETTER_RE = re.compile(r"\s*\(?([A-Za-z])\)?(?![A-Za-z])")
+
+
+def format_reward(completions: list[str]) -> torch.Tensor:
+    """[N] 1.0 iff the whole text is <think>...</think> <answer>...</answer> (outer whitespace ok)."""
+    return torch.tensor([float(FORMAT_RE.fullmatch(c) is not None) for c in completions])
+
+
+def accuracy_reward(completions: list[str], answers: list[str]) -> torch.Tensor:
+    """[N] 1.0 iff the option letter in the last <answer> tag equals the answer letter.
+
+    Case and surrounding space are ignored; "B", "(B)" and "B. pneumonia" all read as B.
+    No tag, an empty tag or a word instead of a letter scores 0.
+    """
+    if len(completions) != len(answers):
+        raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
+    scores = []
+    for text, answer in zip(completions, answers):
+        tags = ANSWER_RE.findall(text)
+        letter = LETTER_RE.match(tags[-1]) if tags else None
+        scores.append(float(letter is not None and letter.group(1).upper() == answer.strip().upper()))
+    return torch.tensor(scores)
+
+
+def kepo_reward(completions: list[str], answers: list[str]) -> torch.Tensor:
+    """[N] r = accuracy + format, in {0, 1, 2}."""
+    return accuracy_reward(completions, answers) + format_reward(completions)
+
+
+# ---------------------------------------------------------------------------------------
+# 4-5. GRPO: group-relative advantages and the clipped policy-gradient loss
+# ---------------------------------------------------------------------------------------
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """[N] A_i = (r_i - mean_g) / (std_g + eps), unbiased std over consecutive groups of G.
+
+    An all-equal group gives exactly 0 (std 0, numerator 0): the learning cliff.
+    """
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(f"need group_size >= 2 dividing {rewards.numel()} rewards, got {group_size}")
+    r = rewards.view(-1, group_size)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+
+
+def masked_mean_per_sequence(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[] mean over sequences of each sequence's token mean; values, mask [N, T]."""
+    mask = mask.to(values.dtype)
+    return ((values * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """[N, T] per-token k3 estimator of KL(pi || pi_ref): exp(d) - d - 1 >= 0, d = ref - logp."""
+    d = ref_logps - logps
+    return torch.exp(d) - d - 1
+
+
+def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip_eps: float = 0.2, ref_logps: torch.Tensor | None = None, beta: float = 0.0) -> torch.Tensor:
+    """[] clipped PPO surrogate (+ beta * k3 KL to a reference), token mean per sequence, then mean.
+
+    logps, old_logps, ref_logps, mask: [N, T]; advantages: [N]. With one pass per batch
+    old_logps = logps.detach(), the ratio is 1 and the gradient is -A_i * grad log pi.
+    """
+    ratio = torch.exp(logps - old_logps)
+    a = advantages[:, None]
+    per_token = -torch.min(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
+    if ref_logps is not None and beta != 0:
+        per_token = per_token + beta * k3_kl(logps, ref_logps)
+    return masked_mean_per_sequence(per_token, mask)
+
+
+# ---------------------------------------------------------------------------------------
+# 6. Quality gate (SPEC 3.6): distil only from trajectories with r_i >= tau
+# ---------------------------------------------------------------------------------------
+def quality_gate(rewards: torch.Tensor, tau: float | None) -> torch.Tensor:
+    """[N] bool, r_i >= tau. tau=None: all False (plain GRPO); tau=0: all True (uniform OPD)."""
+    if tau is None:
+        return torch.zeros_like(rewards, dtype=torch.bool)
+    return rewards >= tau
+
+
+# ---------------------------------------------------------------------------------------
+# 7. Token-level teacher divergence (SPEC 3.7): generalized JSD of GKD, on-policy
+# ---------------------------------------------------------------------------------------
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                    beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+    """[] generalized JSD summed over masked tokens / their count (0.0 for an empty mask).
+
+    Logits [N, T, V], mask [N, T]. With M = beta p_T + (1-beta) p_S:
+    JSD = beta KL(p_T || M) + (1-beta) KL(p_S || M); beta=0 is KL(p_T || p_S) (forward),
+    beta=1 is KL(p_S || p_T) (reverse), the GKD / TRL convention.
+    """
+    s = (student_logits.float() / temperature).log_softmax(-1)
+    t = (teacher_logits.float() / temperature).log_softmax(-1)
+    if beta == 0:
+        per_token = F.kl_div(s, t, reduction="none", log_target=True).sum(-1)
+    elif beta == 1:
+        per_token = F.kl_div(t, s, reduction="none", log_target=True).sum(-1)
+    else:
+        m = torch.logsumexp(torch.stack([t + torch.log(torch.tensor(beta)),
+                                         s + torch.log(torch.tensor(1 - beta))]), 0)
+        per_token = (beta * F.kl_div(m, t, reduction="none", log_target=True)
+                     + (1 - beta) * F.kl_div(m, s, reduction="none", log_target=True)).sum(-1)
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher, rollouts: Rollouts, gate: torch.Tensor,
+                      cfg: KEPOConfig, suppress: list[int] = ()) -> torch.Tensor:
+    """[] gated JSD: the teacher (no grad) scores only the gated rows of the student's rollouts.
+
+    student_logits: [N, T, V] from completion_logits; gate: [N] bool. An empty gate is an
+    exact, differentiable 0 and costs no teacher forward.
+    """
+    rows = gate.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return student_logits.sum() * 0.0
+    with torch.no_grad():
+        teacher_logits = completion_logits(teacher, rollouts.select(rows), suppress)
+    return generalized_jsd(student_logits[rows], teacher_logits, rollouts.completion_mask[rows],
+                           cfg.beta_jsd, cfg.jsd_temperature)
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Hint learning (SPEC 3.3): the teacher writes a hint from the ground truth
+# ---------------------------------------------------------------------------------------
+HINT_RE = re.compile(r"<hint>(.*?)</hint>", re.S)
+
+
+def extract_hint(text: str) -> str | None:
+    """The text of the first <hint>...</hint>, stripped; None when absent or empty."""
+    match = HINT_RE.search(text)
+    return (match.group(1).strip() or None) if match else None
+
+
+@dataclass
+class HintPrompts:
+    """The two data-specific prompt builders that hints need; the caller supplies them.
+
+    `request(prompts)`: teacher prompts (image, question and ground-truth answer) asking for
+    a <hint>, for these indices of the step's PromptBatch. `hinted(prompts, hints)`: student
+    prompts for the same question with the hint (the authors' "v1" also shows the answer).
+    """
+    request: Callable[[list[int]], PromptBatch]
+    hinted: Callable[[list[int], list[str]], PromptBatch]
+
+
+@torch.no_grad()
+def write_hints(teacher, tokenizer, requests: PromptBatch, cfg: KEPOConfig,
+                suppress: list[int] = ()) -> list[str | None]:
+    """One sampled hint per request (sampled like the rollouts); None where none was written."""
+    out = generate_rollouts(teacher, tokenizer, requests, 1, temperature=cfg.temperature, top_p=cfg.top_p,
+                            max_new_tokens=cfg.max_hint_tokens, suppress=suppress)
+    return [extract_hint(t) for t in out.texts]
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Rejection sampling and injection (SPEC 3.3)
+# ---------------------------------------------------------------------------------------
+def rejection_sample(student, tokenizer, hinted: PromptBatch, answers: list[str], cfg: KEPOConfig,
+                     suppress: list[int] = ()) -> list[list[tuple[torch.Tensor, str]]]:
+    """Up to K = cfg.num_hinted correct (ids [L], text) samples per hinted prompt.
+
+    Each try samples K completions for every prompt still short of K; each correct sample is
+    kept on its own (per-sample acceptance); at most cfg.max_attempts tries.
+    """
+    k, accepted = cfg.num_hinted, [[] for _ in answers]
+    for _ in range(cfg.max_attempts):
+        todo = [i for i, acc in enumerate(accepted) if len(acc) < k]
+        if not todo:
+            break
+        out = generate_rollouts(student, tokenizer, hinted.select(todo), k, temperature=cfg.temperature,
+                                top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, suppress=suppress)
+        correct = accuracy_reward(out.texts, [answers[i] for i in todo for _ in range(k)])
+        for row in correct.nonzero().squeeze(1).tolist():
+            i = todo[row // k]
+            if len(accepted[i]) < k:
+                accepted[i].append((out.completion_ids[row][out.completion_mask[row].bool()], out.texts[row]))
+    return accepted
+
+
+def inject(rollouts: Rollouts, rewards: torch.Tensor, group_size: int,
+           accepted: dict[int, list[tuple[torch.Tensor, str]]], pad_id: int) -> Rollouts:
+    """Replace rollouts of group g by accepted[g], keeping each row's hint-free prompt.
+
+    rewards [N] choose the slots: distinct rows, lowest reward (failed) first. No importance
+    weight: injected samples are treated as samples of pi_theta(.|x), as in the paper.
+    """
+    seqs = [ids[m.bool()] for ids, m in zip(rollouts.completion_ids, rollouts.completion_mask)]
+    texts = list(rollouts.texts)
+    for g, samples in accepted.items():
+        slots = g * group_size + torch.argsort(rewards[g * group_size:(g + 1) * group_size], stable=True)
+        for slot, (ids, text) in zip(slots.tolist(), samples):
+            seqs[slot], texts[slot] = ids, text
+    ids = pad_sequence(seqs, batch_first=True, padding_value=pad_id)
+    mask = pad_sequence([torch.ones_like(s, dtype=torch.int) for s in seqs], batch_first=True)
+    return replace(rollouts, completion_ids=ids, completion_mask=mask, texts=texts)
+
+
+def cliff_groups(accuracy: torch.Tensor, rewards: torch.Tensor, group_size: int, trigger: str) -> list[int]:
+    """Indices of groups on the learning cliff: no correct rollout ("accuracy") or all-zero reward ("reward")."""
+    signal = {"accuracy": accuracy, "reward": rewards}[trigger]
+    return (signal.view(-1, group_size).amax(1) == 0).nonzero().squeeze(1).tolist()
+
+
+def knowledge_enhance(student, teacher, tokenizer, rollouts: Rollouts, rewards: torch.Tensor, answers: list[str],
+                      groups: list[int], hint_prompts: HintPrompts, cfg: KEPOConfig,
+                      suppress: list[int] = ()) -> tuple[Rollouts, dict]:
+    """Hints for `groups`, rejection sampling, injection. answers: [B] one per prompt.
+
+    Returns the new rollouts and hint statistics (triggered groups, groups that received at
+    least one correct hinted sample, samples injected).
+    """
+    hints = write_hints(teacher, tokenizer, hint_prompts.request(groups), cfg, suppress)
+    with_hint = [(g, h) for g, h in zip(groups, hints) if h is not None]
+    accepted = {}
+    if with_hint:
+        gs, hs = zip(*with_hint)
+        samples = rejection_sample(student, tokenizer, hint_prompts.hinted(list(gs), list(hs)),
+                                   [answers[g] for g in gs], cfg, suppress)
+        accepted = {g: s for g, s in zip(gs, samples) if s}
+    stats = {"hint_groups": len(groups), "hint_written": len(with_hint),
+             "hint_accept_rate": len(accepted) / max(len(groups), 1),
+             "hint_injected": sum(len(s) for s in accepted.values())}
+    return inject(rollouts, rewards, cfg.group_size, accepted, tokenizer.pad_token_id), stats
+
+
+# ---------------------------------------------------------------------------------------
+# 8. Total loss and one training step (SPEC 3.8): policy loss + gated distillation
+# ---------------------------------------------------------------------------------------
+def kepo_loss(student, teacher, rollouts: Rollouts, rewards: torch.Tensor, method: str, cfg: KEPOConfig,
+              ref_model=None, suppress: list[int] = ()) -> tuple[torch.Tensor, dict]:
+    """[] total loss for `method` on scored rollouts (rewards [N]) and its parts.
+
+    grpo: policy loss; opd: JSD on every rollout, no reward term; kdpo: policy loss +
+    gated JSD; kepo: the same as kdpo (its hints already changed the rollouts).
+    """
+    logits = completion_logits(student, rollouts, suppress)
+    logps = selective_logps(logits, rollouts.completion_ids, cfg.temperature)
+    mask, parts = rollouts.completion_mask, {}
+    ref_logps = None
+    if ref_model is not None:
+        with torch.no_grad():
+            ref_logps = selective_logps(completion_logits(ref_model, rollouts, suppress),
+                                        rollouts.completion_ids, cfg.temperature)
+        parts["kl"] = masked_mean_per_sequence(k3_kl(logps.detach(), ref_logps), mask).item()
+    loss = logits.sum() * 0.0
+    if method != "opd":
+        adv = group_advantages(rewards, cfg.group_size)
+        pg = policy_loss(logps, logps.detach(), adv, mask, cfg.clip_eps, ref_logps, cfg.beta_rl)
+        loss, parts["policy_loss"] = loss + pg, pg.item()
+    if method != "grpo":
+        gate = torch.ones_like(rewards, dtype=torch.bool) if method == "opd" else quality_gate(rewards, cfg.tau)
+        distill = distillation_loss(logits, teacher, rollouts, gate.to(logits.device), cfg, suppress)
+        loss = loss + cfg.distill_coef * distill
+        parts.update(distill_loss=distill.item(), gate_frac=gate.float().mean().item())
+    return loss, parts
+
+
+def _clock(device) -> float:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def kepo_step(student, optimizer, tokenizer, prompts: PromptBatch, answers: list[str], cfg: KEPOConfig,
+              method: str = "kepo", teacher=None, ref_model=None, hint_prompts: HintPrompts | None = None) -> dict:
+    """One training step on B prompts (answers: [B] letters); returns metrics (TRL names where they exist).
+
+    Sample G rollouts per prompt, score them, (kepo) enhance cliff groups with hints,
+    compute advantages, policy loss + distill_coef * gated JSD, one clipped optimizer step.
+    """
+    if method not in METHODS or (method != "grpo" and teacher is None) or (method == "kepo" and hint_prompts is None):
+        raise ValueError(f"method must be one of {METHODS}; opd/kdpo/kepo need a teacher, kepo needs hint_prompts")
+    dev, g, suppress = prompts.input_ids.device, cfg.group_size, suppressed_ids(tokenizer, student)
+    t0 = _clock(dev)
+    rollouts = generate_rollouts(student, tokenizer, prompts, g, temperature=cfg.temperature, top_p=cfg.top_p,
+                                 max_new_tokens=cfg.max_new_tokens, suppress=suppress)
+    row_answers = [a for a in answers for _ in range(g)]
+    acc, fmt = accuracy_reward(rollouts.texts, row_answers), format_reward(rollouts.texts)
+    cliff = cliff_groups(acc, acc + fmt, g, cfg.cliff_trigger)
+    metrics = {"sample_accuracy": acc.mean().item(), "sample_format": fmt.mean().item(),
+               "cliff_groups": len(cliff) / len(answers)}
+    t1 = _clock(dev)
+    if method == "kepo":
+        groups = cliff if cfg.hint_mode == "adaptive" else list(range(len(answers)))
+        if groups:
+            rollouts, stats = knowledge_enhance(student, teacher, tokenizer, rollouts, acc + fmt, answers,
+                                                groups, hint_prompts, cfg, suppress)
+            metrics.update(stats)
+    rewards = kepo_reward(rollouts.texts, row_answers).to(dev)
+    t2 = _clock(dev)
+    loss, parts = kepo_loss(student, teacher, rollouts, rewards, method, cfg, ref_model, suppress)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    t3 = _clock(dev)
+    stds = rewards.view(-1, g).std(1)
+    metrics.update(parts, loss=loss.item(), grad_norm=grad_norm.item(), reward=rewards.mean().item(),
+                   reward_std=stds.mean().item(), frac_reward_zero_std=(stds == 0).float().mean().item(),
+                   **{"completions/mean_length": rollouts.completion_mask.sum(1).float().mean().item(),
+                      "time/generate": t1 - t0, "time/hints": t2 - t1, "time/loss_backward": t3 - t2})
+    return metrics

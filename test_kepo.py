@@ -1,0 +1,387 @@
+"""Tests for kepo.py (math against independent computations, behaviour on a tiny VLM) and train_small.py."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import (LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast, Qwen2Config,
+                          SiglipVisionConfig)
+
+import kepo
+
+
+# --------------------------------------------------------------------------- generalized JSD
+def hand_jsd(s_logits, t_logits, beta, temperature):
+    """Per-token generalized JSD from probabilities, written independently of kepo.py."""
+    p_s = torch.softmax(s_logits.double() / temperature, -1)
+    p_t = torch.softmax(t_logits.double() / temperature, -1)
+
+    def kl(p, q):
+        return (p * (p.log() - q.log())).sum(-1)
+
+    if beta == 0:
+        return kl(p_t, p_s)
+    if beta == 1:
+        return kl(p_s, p_t)
+    m = beta * p_t + (1 - beta) * p_s
+    return beta * kl(p_t, m) + (1 - beta) * kl(p_s, m)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0, 0.1])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_generalized_jsd_matches_hand_computation(beta, temperature):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 5, 11, generator=g) * 3, torch.randn(3, 5, 11, generator=g) * 3
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    expected = (hand_jsd(s, t, beta, temperature) * mask).sum() / mask.sum()
+    got = kepo.generalized_jsd(s, t, mask, beta=beta, temperature=temperature)
+    assert torch.allclose(got.double(), expected, atol=1e-5)
+
+
+def test_generalized_jsd_endpoints_match_torch_kl_div():
+    s, t = torch.randn(2, 4, 7), torch.randn(2, 4, 7)
+    mask = torch.ones(2, 4)
+    ls, lt = s.log_softmax(-1), t.log_softmax(-1)
+    forward = F.kl_div(ls, lt, reduction="sum", log_target=True) / 8  # KL(teacher || student)
+    reverse = F.kl_div(lt, ls, reduction="sum", log_target=True) / 8  # KL(student || teacher)
+    assert torch.allclose(kepo.generalized_jsd(s, t, mask, beta=0.0), forward, atol=1e-6)
+    assert torch.allclose(kepo.generalized_jsd(s, t, mask, beta=1.0), reverse, atol=1e-6)
+    assert not torch.allclose(forward, reverse)
+
+
+def test_generalized_jsd_zero_for_identical_and_bounded():
+    s = torch.randn(2, 3, 9)
+    assert kepo.generalized_jsd(s, s.clone(), torch.ones(2, 3)).abs() < 1e-6
+    t = torch.randn(2, 3, 9) * 50  # a JSD with beta=0.5 never exceeds log 2
+    assert kepo.generalized_jsd(s, t, torch.ones(2, 3), beta=0.5) <= math.log(2) + 1e-6
+
+
+def test_generalized_jsd_empty_mask_is_finite_zero_with_zero_grad():
+    s = torch.randn(2, 3, 9, requires_grad=True)
+    loss = kepo.generalized_jsd(s, torch.randn(2, 3, 9), torch.zeros(2, 3))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(s.grad).all() and (s.grad == 0).all()
+
+
+def test_generalized_jsd_survives_masked_vocabulary():
+    s, t = torch.randn(1, 2, 6), torch.randn(1, 2, 6)
+    s[..., 0] = t[..., 0] = -1e9  # suppressed token, as completion_logits masks it
+    s.requires_grad_(True)
+    loss = kepo.generalized_jsd(s, t, torch.ones(1, 2))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+
+
+# --------------------------------------------------------------------------- GRPO pieces
+def test_group_advantages_by_hand():
+    r = torch.tensor([0.0, 1.0, 2.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    adv = kepo.group_advantages(r, 4)
+    g1 = r[:4]
+    mean, std = g1.mean().item(), math.sqrt(sum((x - g1.mean().item()) ** 2 for x in g1.tolist()) / 3)
+    expected = [(x - mean) / (std + 1e-4) for x in g1.tolist()] + [0.0] * 4
+    assert torch.allclose(adv, torch.tensor(expected), atol=1e-6)
+    assert (adv[4:] == 0).all()  # all-equal group: exactly zero, not NaN
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_group_advantages_rejects_bad_group_size(group_size):
+    with pytest.raises(ValueError, match="group_size"):
+        kepo.group_advantages(torch.zeros(8), group_size)
+
+
+def test_policy_loss_at_ratio_one_value_and_gradient():
+    logps = torch.randn(3, 4, requires_grad=True)
+    adv = torch.tensor([1.5, -0.5, 0.0])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    loss = kepo.policy_loss(logps, logps.detach(), adv, mask)
+    loss.backward()
+    assert torch.allclose(loss, -adv.mean())  # ratio 1: each sequence's token mean is -A_i
+    lengths = mask.sum(1, keepdim=True).float()
+    assert torch.allclose(logps.grad, -adv[:, None] * mask / lengths / 3)
+
+
+def test_policy_loss_clipping():
+    old = torch.zeros(2, 2)
+    logps = torch.full((2, 2), 0.5, requires_grad=True)  # ratio e^0.5 ~ 1.65 > 1 + eps
+    adv = torch.tensor([1.0, -1.0])
+    loss = kepo.policy_loss(logps, old, adv, torch.ones(2, 2), clip_eps=0.2)
+    loss.backward()
+    r = math.exp(0.5)
+    assert math.isclose(loss.item(), (-1.2 + r) / 2, rel_tol=1e-6)  # A>0 clipped, A<0 not
+    assert torch.allclose(logps.grad[0], torch.zeros(2))  # clipped: no gradient
+    assert torch.allclose(logps.grad[1], torch.full((2,), r / 4))
+
+
+def test_k3_kl_nonnegative_and_added_with_beta():
+    logps, ref = torch.randn(4, 6), torch.randn(4, 6)
+    k3 = kepo.k3_kl(logps, ref)
+    assert (k3 >= 0).all() and kepo.k3_kl(ref, ref).abs().max() == 0
+    mask, adv = torch.ones(4, 6), torch.zeros(4)
+    loss = kepo.policy_loss(logps, logps, adv, mask, ref_logps=ref, beta=0.1)
+    assert torch.allclose(loss, 0.1 * k3.mean())
+
+
+def test_quality_gate_edges():
+    r = torch.tensor([0.0, 1.0, 2.0, 1.0])
+    assert kepo.quality_gate(r, None).tolist() == [False] * 4
+    assert kepo.quality_gate(r, 0.0).tolist() == [True] * 4
+    assert kepo.quality_gate(r, 1.0).tolist() == [False, True, True, True]
+    assert kepo.quality_gate(r, 2.0).tolist() == [False, False, True, False]
+
+
+# --------------------------------------------------------------------------- rewards
+REWARD_TABLE = [  # text, answer, format, accuracy
+    ("<think>round lesion</think><answer>B</answer>", "B", 1, 1),
+    ("  <think> x </think>\n<answer> b </answer>\n", "B", 1, 1),
+    ("<think>x</think><answer>(C)</answer>", "C", 1, 1),
+    ("<think>x</think><answer>C. cyst</answer>", "C", 1, 1),
+    ("<think>x</think><answer>Cyst</answer>", "C", 1, 0),
+    ("<think>x</think><answer>B</answer>", "A", 1, 0),
+    ("<think>x</think><answer></answer>", "A", 1, 0),
+    ("<answer>B</answer>", "B", 0, 1),
+    ("<think>x</think>", "B", 0, 0),
+    ("<think>x</think><answer>B</answer> trailing", "B", 0, 1),
+    ("<think>x</think><answer>A</answer><answer>B</answer>", "B", 0, 1),
+    ("<think><think>x</think></think><answer>B</answer>", "B", 0, 1),
+    ("<think>x</think><answer>B", "B", 0, 0),
+    ("", "A", 0, 0),
+    ("\u00e9\u6f22\U0001f600<answer>\u00c4</answer>", "A", 0, 0),
+    ("<think>\u6f22\u5b57</think><answer>D</answer>", "d", 1, 1),
+]
+
+
+@pytest.mark.parametrize("text,answer,fmt,acc", REWARD_TABLE)
+def test_rewards_on_tricky_strings(text, answer, fmt, acc):
+    assert kepo.format_reward([text]).item() == fmt
+    assert kepo.accuracy_reward([text], [answer]).item() == acc
+    assert kepo.kepo_reward([text], [answer]).item() == fmt + acc
+
+
+def test_accuracy_reward_length_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="2 completions but 1 answers"):
+        kepo.accuracy_reward(["a", "b"], ["A"])
+
+
+def test_extract_hint():
+    assert kepo.extract_hint("blah <hint> look at the size </hint> rest") == "look at the size"
+    assert kepo.extract_hint("<hint>   </hint>") is None
+    assert kepo.extract_hint("no hint here") is None
+    assert kepo.extract_hint("<hint>unclosed") is None
+
+
+# --------------------------------------------------------------------------- plumbing
+def test_completion_mask_stops_at_first_eos():
+    ids = torch.tensor([[5, 6, 2, 0, 0], [5, 2, 2, 2, 2], [5, 6, 7, 8, 9]])
+    assert kepo.completion_mask(ids, eos_id=2).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1] * 5]
+
+
+def test_index_vision_batch_first_and_grid():
+    pv = torch.arange(3)[:, None, None, None].expand(3, 3, 2, 2).float()
+    out = kepo.index_vision({"pixel_values": pv}, torch.tensor([2, 2, 0]))
+    assert out["pixel_values"][:, 0, 0, 0].tolist() == [2, 2, 0]
+    grid = torch.tensor([[1, 2, 2], [1, 1, 2], [1, 2, 1]])  # 4, 2 and 2 patches
+    patches = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2]).float()[:, None]
+    out = kepo.index_vision({"pixel_values": patches, "image_grid_thw": grid}, torch.tensor([1, 1, 0]))
+    assert out["pixel_values"].squeeze(1).tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert out["image_grid_thw"].tolist() == [[1, 1, 2], [1, 1, 2], [1, 2, 2]]
+
+
+def make_rollouts(completions):
+    """Rollouts with distinct prompt ids per row, completions given as lists of ids."""
+    n = len(completions)
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(c) for c in completions], batch_first=True)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(c), dtype=torch.int) for c in completions],
+                                           batch_first=True)
+    prompts = kepo.PromptBatch(torch.arange(n)[:, None] + 100, torch.ones(n, 1, dtype=torch.long),
+                               {"pixel_values": torch.arange(n).float()[:, None]})
+    return kepo.Rollouts(prompts, ids, mask, [f"t{i}" for i in range(n)])
+
+
+def test_inject_replaces_distinct_failed_slots_and_keeps_hint_free_prompts():
+    g = 4
+    r = make_rollouts([[i + 10] * (1 + i % 3) for i in range(12)])
+    rewards = torch.tensor([1.0, 0, 2, 0, 0, 0, 0, 0, 2, 1, 0, 1])
+    new = [(torch.tensor([7, 7, 7, 7, 7]), "h0"), (torch.tensor([8]), "h1")]
+    out = kepo.inject(r, rewards, g, {0: new, 2: new[:1]}, pad_id=0)
+    # group 0: the two reward-0 rows (1, 3) are replaced, in order; the correct ones survive
+    assert out.texts[:4] == ["t0", "h0", "t2", "h1"]
+    assert out.completion_ids[1].tolist() == [7] * 5 and out.completion_mask[1].sum() == 5
+    assert out.completion_ids[3].tolist() == [8, 0, 0, 0, 0] and out.completion_mask[3].tolist() == [1, 0, 0, 0, 0]
+    # group 2: only its lowest-reward row (10) is replaced
+    assert out.texts[8:] == ["t8", "t9", "h0", "t11"]
+    # group 1 untouched, and every prompt is the original hint-free one
+    assert out.texts[4:8] == r.texts[4:8]
+    for i in list(range(4, 8)) + [0, 2, 8, 9, 11]:
+        n = int(r.completion_mask[i].sum())
+        assert out.completion_ids[i, :n].tolist() == r.completion_ids[i, :n].tolist()
+    assert torch.equal(out.prompts.input_ids, r.prompts.input_ids)
+    assert torch.equal(out.prompts.vision["pixel_values"], r.prompts.vision["pixel_values"])
+
+
+def test_cliff_groups_trigger_criteria():
+    acc = torch.tensor([0.0, 0, 1, 0, 0, 0])
+    fmt = torch.tensor([1.0, 0, 0, 0, 0, 0])
+    assert kepo.cliff_groups(acc, acc + fmt, 2, "accuracy") == [0, 2]
+    assert kepo.cliff_groups(acc, acc + fmt, 2, "reward") == [2]
+
+
+# --------------------------------------------------------------------------- a tiny HF VLM
+WORDS = "what finding is shown options a b c d look at lesion large small round answer hint".split()
+TAGS = ["<think>", "</think>", "<answer>", "</answer>", "<hint>", "</hint>"]
+N_IMG = 4  # image tokens per prompt: a 16x16 image in 8x8 patches
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", "<image>"] + WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                  unk_token="<unk>", additional_special_tokens=["<image>"], padding_side="left")
+    tok.add_tokens(TAGS)
+    return tok
+
+
+def tiny_vlm(tok, hidden=32, seed=0):
+    torch.manual_seed(seed)
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=16, patch_size=8)
+    text = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                      image_seq_length=N_IMG, vision_feature_layer=-1, vision_feature_select_strategy="full")
+    return LlavaForConditionalGeneration(cfg)
+
+
+def prompt_batch(tok, texts, seed=0):
+    enc = tok(["<image> " * N_IMG + t for t in texts], return_tensors="pt", padding=True)
+    pv = torch.randn(len(texts), 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+    return kepo.PromptBatch(enc.input_ids, enc.attention_mask, {"pixel_values": pv})
+
+
+def test_generation_shapes_masks_and_logps(tokenizer):
+    model = tiny_vlm(tokenizer)
+    prompts = prompt_batch(tokenizer, ["what finding is shown", "what is shown options a b"])
+    torch.manual_seed(1)
+    r = kepo.generate_rollouts(model, tokenizer, prompts, 3, temperature=1.0, max_new_tokens=6,
+                               suppress=kepo.suppressed_ids(tokenizer, model))
+    n, t = r.completion_ids.shape
+    assert n == 6 and t <= 6 and len(r.texts) == 6
+    assert torch.equal(r.prompts.input_ids[0], r.prompts.input_ids[2])  # prompt 0 repeated in place
+    assert torch.equal(r.prompts.vision["pixel_values"][3], prompts.vision["pixel_values"][1])
+    assert torch.equal(r.completion_mask, kepo.completion_mask(r.completion_ids, tokenizer.eos_token_id))
+    suppressed = kepo.suppressed_ids(tokenizer, model)
+    assert tokenizer.convert_tokens_to_ids("<image>") in suppressed and tokenizer.eos_token_id not in suppressed
+    assert not torch.isin(r.completion_ids[r.completion_mask.bool()], torch.tensor(suppressed)).any()
+    # log-probs equal the model's own log-softmax over a plain forward, gathered by hand
+    logps = kepo.selective_logps(kepo.completion_logits(model, r), r.completion_ids)
+    full = torch.cat([r.prompts.input_ids, r.completion_ids], 1)
+    att = torch.cat([r.prompts.attention_mask, r.completion_mask], 1)
+    logits = model(input_ids=full, attention_mask=att, **r.prompts.vision).logits
+    p = r.prompts.input_ids.shape[1]
+    expected = logits[:, p - 1:-1].log_softmax(-1).gather(-1, r.completion_ids[..., None]).squeeze(-1)
+    assert torch.allclose(logps, expected, atol=1e-5)
+
+
+def test_greedy_generation_is_deterministic(tokenizer):
+    model = tiny_vlm(tokenizer)
+    prompts = prompt_batch(tokenizer, ["what finding is shown"])
+    a = kepo.generate_rollouts(model, tokenizer, prompts, 2, temperature=0, max_new_tokens=5)
+    b = kepo.generate_rollouts(model, tokenizer, prompts, 2, temperature=0, max_new_tokens=5)
+    assert torch.equal(a.completion_ids, b.completion_ids) and a.texts[0] == a.texts[1]
+
+
+def step_setup(tokenizer, **cfg):
+    student, teacher = tiny_vlm(tokenizer, 32, seed=0), tiny_vlm(tokenizer, 48, seed=1)
+    prompts = prompt_batch(tokenizer, ["what finding is shown options a b", "what is shown options a b"])
+    config = kepo.KEPOConfig(**{"group_size": 4, "max_new_tokens": 6, "max_hint_tokens": 6, "max_attempts": 2,
+                                **cfg})
+    hint_prompts = kepo.HintPrompts(
+        request=lambda idx: prompts.select(idx),
+        hinted=lambda idx, hints: prompt_batch(tokenizer, [f"hint {h} what is shown" for h in hints]))
+    return student, teacher, prompts, config, hint_prompts
+
+
+def test_kepo_step_runs_and_changes_weights(tokenizer):
+    student, teacher, prompts, cfg, hints = step_setup(tokenizer, tau=0.0, hint_mode="always")
+    before = [p.detach().clone() for p in student.parameters()]
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2, weight_decay=0.0)
+    torch.manual_seed(0)
+    m = kepo.kepo_step(student, opt, tokenizer, prompts, ["A", "B"], cfg, method="kepo", teacher=teacher,
+                       ref_model=tiny_vlm(tokenizer), hint_prompts=hints)
+    assert math.isfinite(m["loss"]) and m["distill_loss"] > 0 and m["gate_frac"] == 1.0
+    assert m["hint_groups"] == 2 and 0 <= m["hint_accept_rate"] <= 1 and m["kl"] >= 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "cliff_groups"):
+        assert math.isfinite(m[key])
+
+
+def test_empty_gate_gives_finite_zero_distillation(tokenizer):
+    student, teacher, prompts, cfg, hints = step_setup(tokenizer, tau=2.0, max_new_tokens=2)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    torch.manual_seed(0)
+    m = kepo.kepo_step(student, opt, tokenizer, prompts, ["A", "B"], cfg, method="kdpo", teacher=teacher)
+    assert m["distill_loss"] == 0.0 and m["gate_frac"] == 0.0 and math.isfinite(m["loss"])
+
+
+def test_grpo_all_equal_rewards_give_zero_policy_gradient(tokenizer):
+    # two new tokens cannot hold an <answer> tag: every reward is 0, every advantage 0
+    student, _, prompts, cfg, _ = step_setup(tokenizer, max_new_tokens=2)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    torch.manual_seed(0)
+    m = kepo.kepo_step(student, opt, tokenizer, prompts, ["A", "B"], cfg, method="grpo")
+    assert m["reward"] == 0 and m["frac_reward_zero_std"] == 1.0 and m["cliff_groups"] == 1.0
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and all((g == 0).all() for g in grads)
+
+
+def test_opd_step_uses_every_rollout(tokenizer):
+    student, teacher, prompts, cfg, _ = step_setup(tokenizer, tau=None)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    m = kepo.kepo_step(student, opt, tokenizer, prompts, ["A", "B"], cfg, method="opd", teacher=teacher)
+    assert m["gate_frac"] == 1.0 and m["distill_loss"] > 0 and "policy_loss" not in m
+
+
+def test_step_rejects_missing_teacher_or_unknown_method(tokenizer):
+    student, _, prompts, cfg, _ = step_setup(tokenizer)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    for method in ("kepo", "ppo"):
+        with pytest.raises(ValueError, match="method must be one of"):
+            kepo.kepo_step(student, opt, tokenizer, prompts, ["A", "B"], cfg, method=method)
+
+
+class Scripted(torch.nn.Module):
+    """A stand-in policy whose generate writes a fixed text after every prompt."""
+
+    def __init__(self, tok, text):
+        super().__init__()
+        self.ids = torch.tensor(tok(text).input_ids + [tok.eos_token_id])
+
+    def generate(self, input_ids, **kwargs):
+        return torch.cat([input_ids, self.ids.expand(len(input_ids), -1)], 1)
+
+
+def test_knowledge_enhance_accepts_correct_hinted_samples(tokenizer):
+    teacher = Scripted(tokenizer, "<hint> look at lesion </hint>")
+    student = Scripted(tokenizer, "<think> large </think> <answer> b </answer>")
+    prompts = prompt_batch(tokenizer, ["what is shown"] * 3)
+    seen = {}
+
+    def hinted(idx, hints):
+        seen["hints"] = hints
+        return prompt_batch(tokenizer, [f"hint {h}" for h in hints])
+
+    hp = kepo.HintPrompts(request=lambda idx: prompts.select(idx), hinted=hinted)
+    cfg = kepo.KEPOConfig(group_size=2, max_new_tokens=8, num_hinted=1, max_attempts=2)
+    rollouts = kepo.Rollouts(prompts.select([0, 0, 1, 1, 2, 2]), torch.full((6, 2), 5), torch.ones(6, 2, dtype=torch.int),
+                             ["x"] * 6)
+    out, stats = kepo.knowledge_enhance(student, teacher, tokenizer, rollouts, torch.zeros(6), ["B", "A", "B"],
+                                        [0, 1, 2], hp, cfg)
+    assert seen["hints"] == ["look at lesion"] * 3
+    # the student always answers B: groups 0 and 2 get one injected sample each, group 1 none
+    assert stats == {"hint_groups": 3, "hint_written": 3, "hint_accept_rate": 2 / 3, "hint_injected": 2}
+    assert kepo.accuracy_reward(out.texts, ["B", "B", "A", "A", "B", "B"]).tolist() == [1, 0, 0, 0, 1, 0]
+    assert torch.equal(out.prompts.input_ids, rollouts.prompts.input_ids)
