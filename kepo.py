@@ -434,6 +434,12 @@ def knowledge_enhance(student, teacher, tokenizer, rollouts: Rollouts, rewards: 
 # ---------------------------------------------------------------------------------------
 # 8. Total loss and one training step (SPEC 3.8): policy loss + gated distillation
 # ---------------------------------------------------------------------------------------
+def _clock(device) -> float:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def kepo_loss(student, teacher, rollouts: Rollouts, rewards: torch.Tensor, method: str, cfg: KEPOConfig,
               ref_model=None, suppress: list[int] = ()) -> tuple[torch.Tensor, dict]:
     """[] total loss for `method` on scored rollouts (rewards [N]) and its parts.
@@ -457,16 +463,12 @@ def kepo_loss(student, teacher, rollouts: Rollouts, rewards: torch.Tensor, metho
         loss, parts["policy_loss"] = loss + pg, pg.item()
     if method != "grpo":
         gate = torch.ones_like(rewards, dtype=torch.bool) if method == "opd" else quality_gate(rewards, cfg.tau)
+        t0 = _clock(logits.device)
         distill = distillation_loss(logits, teacher, rollouts, gate.to(logits.device), cfg, suppress)
         loss = loss + cfg.distill_coef * distill
-        parts.update(distill_loss=distill.item(), gate_frac=gate.float().mean().item())
+        parts.update(distill_loss=distill.item(), gate_frac=gate.float().mean().item(),
+                     **{"time/teacher": _clock(logits.device) - t0})
     return loss, parts
-
-
-def _clock(device) -> float:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def kepo_step(student, optimizer, tokenizer, prompts: PromptBatch, answers: list[str], cfg: KEPOConfig,

@@ -385,3 +385,108 @@ def test_knowledge_enhance_accepts_correct_hinted_samples(tokenizer):
     assert stats == {"hint_groups": 3, "hint_written": 3, "hint_accept_rate": 2 / 3, "hint_injected": 2}
     assert kepo.accuracy_reward(out.texts, ["B", "B", "A", "A", "B", "B"]).tolist() == [1, 0, 0, 0, 1, 0]
     assert torch.equal(out.prompts.input_ids, rollouts.prompts.input_ids)
+
+
+# --------------------------------------------------------------------------- train_small.py
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import train_small as ts  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_script(*args, **kwargs):
+    return subprocess.run([sys.executable, os.path.join(HERE, "train_small.py"), *args], capture_output=True,
+                          text=True, timeout=300, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    proc = run_script("--preset", "smoke", "--out", str(out), "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_toy_questions_are_consistent_and_fixed_by_seed():
+    a = ts.make_split(3, "train", "mri", 200)
+    assert a == ts.make_split(3, "train", "mri", 200) and a != ts.make_split(4, "train", "mri", 200)
+    assert {e.qtype for e in a} == set(ts.QUESTIONS)
+    for e in a:
+        letter = ts.LETTERS.index(e.answer)
+        assert e.options[letter] == e.evidence.split()[-1]  # the answer letter points at the evidence
+        assert len(set(e.options)) == len(e.options)
+        target = ts.answer_text(e).replace(" <eos>", "")
+        assert kepo.kepo_reward([target], [e.answer]).item() == 2.0
+    assert ts.draw(a[0].case).tobytes() == ts.draw(ts.make_split(3, "train", "mri", 1)[0].case).tobytes()
+
+
+def test_toy_prompts_round_trip_through_the_tokenizer():
+    proc = ts.build_processor()
+    e = ts.make_split(0, "test", "ct", 1)[0]
+    for text in (ts.prompt_text(e), ts.hint_request_text(e), ts.hinted_text(e, e.evidence), ts.answer_text(e)):
+        assert proc.tokenizer.unk_token not in proc.tokenizer.tokenize(text)
+
+
+def test_smoke_pipeline_prints_table_writes_json_and_reloads(smoke):
+    out, stdout = smoke
+    header = next(line for line in stdout.splitlines() if "mri*" in line)
+    assert all(m in header for m in ts.MODALITIES) and "OOD" in header
+    assert "learning cliff before RL" in stdout and "rl-kepo" in stdout
+    root = out / "smoke-seed1"
+    res = json.loads((root / "rl-kepo" / "results.json").read_text())
+    for key in ts.MODALITIES + ["ID", "OOD"]:
+        assert 0.0 <= res[key] <= 1.0
+    assert res["phases"]["time/generate"] > 0
+    lines = [json.loads(x) for x in (root / "rl-kepo" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(1, 7))
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    model = AutoModelForImageTextToText.from_pretrained(root / "rl-kepo" / "student")
+    proc = AutoProcessor.from_pretrained(root / "rl-kepo" / "student")
+    e = ts.make_split(0, "test", "mri", 2)
+    batch = ts.encode(proc, e, [ts.prompt_text(x) for x in e], "cpu")
+    r = kepo.generate_rollouts(model, proc.tokenizer, batch, 1, temperature=0, max_new_tokens=4)
+    assert len(r.texts) == 2
+
+
+def test_killed_run_resumes_to_the_same_result(smoke, tmp_path):
+    out, _ = smoke
+    shutil.copytree(out, tmp_path, dirs_exist_ok=True)
+    shutil.rmtree(tmp_path / "smoke-seed1" / "rl-kepo")
+    args = [sys.executable, os.path.join(HERE, "train_small.py"), "--preset", "smoke", "--out", str(tmp_path),
+            "--device", "cpu"]
+    run = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "smoke-seed1" / "rl-kepo" / "ckpt"
+    deadline = time.time() + 200
+    while not ckpt.exists() and time.time() < deadline and run.poll() is None:
+        time.sleep(0.02)
+    run.send_signal(signal.SIGKILL)
+    assert run.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "smoke-seed1" / "rl-kepo" / "results.json").exists()
+    resumed = run_script("--preset", "smoke", "--out", str(tmp_path), "--device", "cpu", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed" in resumed.stdout
+
+    def metrics(root):
+        lines = (root / "smoke-seed1" / "rl-kepo" / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")} for x in lines]
+
+    assert metrics(tmp_path) == metrics(out)
+    a, b = (json.loads((r / "smoke-seed1" / "rl-kepo" / "results.json").read_text()) for r in (out, tmp_path))
+    assert {k: a[k] for k in ts.MODALITIES} == {k: b[k] for k in ts.MODALITIES}
+
+
+def test_corrupt_stage_names_itself(smoke, tmp_path):
+    out, _ = smoke
+    stage = tmp_path / "teacher"
+    shutil.copytree(out / "smoke-teacher", stage)
+    (stage / "model.safetensors").write_bytes(b"not a model")
+    with pytest.raises(RuntimeError, match=f"cached stage {stage} is corrupt"):
+        ts.load_stage(str(stage), json.loads((stage / "stage.json").read_text())["config"])
+    assert ts.load_stage(str(tmp_path / "missing"), {}) is None

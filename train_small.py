@@ -1,0 +1,637 @@
+"""KEPO end to end on a toy medical VQA: data, teacher, student, RL, evaluation.
+
+    python train_small.py                     # KEPO, default preset (one GPU)
+    python train_small.py --preset smoke      # the whole pipeline on CPU in well under a minute
+    python train_small.py --compare           # grpo, opd, kdpo, kepo from the same student and seed
+
+A miniature of the paper's protocol (SPEC.md sections 6-7), nothing downloaded:
+  data     procedurally drawn 48x48 images in 8 synthetic "modalities" that share anatomy and
+           findings but differ in look; OmniMedVQA-style multiple-choice questions of the 5
+           types (modality, anatomy, diagnosis, lesion grading, other attributes: side or
+           count) with shuffled options; answers `<think>evidence</think><answer>X</answer>`.
+  models   two LLaVA-style VLMs (SigLIP vision tower + Qwen2 text model) from configs with
+           random init; the teacher is several times larger. A word-level tokenizer and a
+           LlavaProcessor are built in code and saved, so everything reloads with
+           `from_pretrained`.
+  stages   (each cached under --out and reused) 1. teacher SFT on all modalities, also
+           writing a hint from the answer; 2. student warm-up SFT on a small MRI-only set,
+           also on hinted prompts so it can use a hint; 3. RL on MRI questions only with
+           --method; 4. greedy evaluation on held-out questions of all 8 modalities.
+Simplified on purpose: tiny models and a toy task, so that a run takes minutes; the RL
+step itself is kepo.kepo_step, unchanged from what a real trainer would call.
+"""
+import argparse
+import functools
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+# transformers warns at import about optional backends (torchvision) that the toy does not need
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import torch  # noqa: E402
+from PIL import Image, ImageDraw, ImageFilter
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import (AutoModelForImageTextToText, AutoProcessor, LlavaConfig, LlavaForConditionalGeneration,
+                          LlavaProcessor, PreTrainedTokenizerFast, Qwen2Config, SiglipImageProcessor,
+                          SiglipVisionConfig)
+from transformers.utils import logging as hf_logging
+
+import kepo
+
+
+def arg(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Args:
+    preset: str = arg("default", "default (one GPU) | cpu (reduced, for CPU-only evidence) | smoke (CI, < 1 min)")
+    method: str = arg("kepo", "grpo | opd | kdpo | kepo")
+    seed: int = arg(1, "fixes data, initialisation and sampling (bit-exact on CPU)")
+    device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
+    out: str = arg("runs", "cache and output folder")
+    compare: bool = arg(False, "run grpo, opd, kdpo and kepo from the same student and print one table")
+    resume: bool = arg(False, "continue RL from its last checkpoint (or reuse a finished run's results)")
+    steps: int = arg(0, "RL steps (0: the preset's)")
+    batch_prompts: int = arg(0, "prompts per RL step (0: the preset's)")
+    group_size: int = arg(8, "G, completions per prompt")
+    lr: float = arg(0.0, "RL learning rate, the same for every method (0: the preset's)")
+    tau: float = arg(1.0, "quality gate r >= tau (r = accuracy + format in {0, 1, 2})")
+    hint_mode: str = arg("adaptive", "adaptive: hints for groups with no correct rollout; always: every group")
+    ckpt_every: int = arg(0, "RL checkpoint interval in steps (0: the preset's)")
+    log_every: int = arg(0, "progress line interval in steps (0: the preset's)")
+
+
+PRESETS = {  # sizes and budgets; the RL hyperparameters are shared by every method
+    "default": dict(teacher_steps=3000, teacher_batch=128, warm_steps=300, steps=200, batch_prompts=64, lr=3e-4,
+                    sft_lr=1e-3, sft_batch=64, n_train=600, n_warm=200, n_test=100, n_cliff=192, eval_every=25,
+                    n_eval_curve=24, ckpt_every=25, log_every=10, student=(64, 2), teacher=(192, 2)),
+    "cpu": dict(teacher_steps=3000, teacher_batch=64, warm_steps=300, steps=60, batch_prompts=16, lr=3e-4,
+                sft_lr=1e-3, sft_batch=64, n_train=600, n_warm=200, n_test=50, n_cliff=192, eval_every=20,
+                n_eval_curve=12, ckpt_every=20, log_every=5, student=(48, 2), teacher=(128, 2)),
+    "smoke": dict(teacher_steps=8, teacher_batch=16, warm_steps=4, steps=6, batch_prompts=4, lr=3e-4, sft_lr=1e-3,
+                  sft_batch=16, n_train=16, n_warm=16, n_test=4, n_cliff=8, eval_every=3, n_eval_curve=2,
+                  ckpt_every=2, log_every=2, student=(32, 1), teacher=(48, 1)),
+}
+TEACHER_SEED = 0  # the teacher stands for a fixed pretrained model: trained once per preset, shared by all seeds
+MAX_NEW_TOKENS = 12  # the longest target, "<think> modality ultrasound </think> <answer> a </answer> <eos>", is 8
+
+
+# ---------------------------------------------------------------------------------------
+# Toy medical VQA: cases, images, questions
+# ---------------------------------------------------------------------------------------
+MODALITIES = ["ct", "dermoscopy", "fundus", "mri", "microscopy", "oct", "ultrasound", "xray"]
+TRAIN_MODALITY = "mri"
+ORGANS = ["brain", "lung", "liver", "heart"]
+FINDINGS = ["normal", "tumor", "cyst", "bleed"]
+GRADES = {"small": 3, "medium": 5, "large": 7}  # lesion radius in pixels
+COUNTS = ["one", "two", "three"]
+SLOTS = [(16, 17), (32, 17), (16, 31), (32, 31)]  # lesion centres; x < 24 is "left"
+QUESTIONS = {
+    "modality": "what imaging modality is this ?",
+    "anatomy": "which organ is shown ?",
+    "diagnosis": "what is the finding ?",
+    "grading": "what is the lesion size ?",
+    "attribute": None,  # side or count, below
+}
+ATTRIBUTE_QUESTIONS = {"side": "on which side is the lesion ?", "count": "how many lesions are there ?"}
+LETTERS = "abcd"
+IMAGE_SIZE, PATCH = 48, 24
+# modality -> (background, organ, lesion) colours and field of view; findings keep their shape everywhere
+STYLES = {
+    "ct": ((0, 0, 0), (150, 150, 150), (60, 60, 60), "circle"),
+    "dermoscopy": ((205, 155, 125), (150, 95, 65), (60, 35, 25), "vignette"),
+    "fundus": ((0, 0, 0), (200, 90, 40), (250, 220, 120), "disc"),
+    "mri": ((10, 10, 10), (100, 100, 100), (235, 235, 235), "full"),
+    "microscopy": ((235, 185, 225), (165, 95, 175), (70, 30, 110), "dots"),
+    "oct": ((30, 40, 70), (110, 135, 175), (5, 5, 15), "bands"),
+    "ultrasound": ((0, 0, 0), (95, 95, 95), (20, 20, 20), "fan"),
+    "xray": ((25, 25, 25), (205, 205, 205), (110, 110, 110), "ribs"),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One synthetic image: what is in it. `seed` fixes texture noise."""
+    modality: str
+    organ: str
+    finding: str
+    grade: str | None  # None for normal
+    slots: tuple  # lesion centres, empty for normal
+    seed: int
+
+
+@dataclass(frozen=True)
+class Example:
+    """A multiple-choice question about a case; `evidence` is the checkable reasoning."""
+    case: Case
+    qtype: str
+    question: str
+    options: tuple
+    answer: str  # letter
+    evidence: str  # e.g. "size large": what the think block states and what a hint says
+
+
+def draw_field(d: ImageDraw.ImageDraw, style: str, bg: tuple, rng: random.Random):
+    """The modality's field of view and texture, drawn before the anatomy."""
+    s = IMAGE_SIZE
+    if style == "circle":
+        d.ellipse((2, 2, s - 3, s - 3), fill=(45, 45, 45))
+    elif style == "disc":
+        d.ellipse((3, 3, s - 4, s - 4), fill=(150, 50, 20))
+        for _ in range(3):
+            d.line((s // 2, s // 2, rng.randrange(s), rng.randrange(s)), fill=(120, 20, 10), width=1)
+    elif style == "fan":
+        d.pieslice((-s // 2, -s // 3, s + s // 2, s + s // 2), 55, 125, fill=(55, 55, 55))
+    elif style == "vignette":
+        d.ellipse((-6, -6, s + 5, s + 5), outline=(90, 60, 40), width=6)
+    elif style == "dots":
+        for _ in range(40):
+            x, y = rng.randrange(s), rng.randrange(s)
+            d.point((x, y), fill=(120, 60, 140))
+    elif style == "bands":
+        for y in range(4, s, 8):
+            d.rectangle((0, y, s, y + 2), fill=tuple(c + 35 for c in bg))
+    elif style == "ribs":
+        for y in range(6, s, 9):
+            d.arc((4, y - 6, s - 5, y + 10), 200, 340, fill=(150, 150, 150), width=2)
+
+
+def draw_organ(d: ImageDraw.ImageDraw, organ: str, color: tuple):
+    if organ == "brain":
+        d.ellipse((7, 6, 41, 42), fill=color)
+    elif organ == "lung":
+        d.ellipse((5, 6, 23, 43), fill=color)
+        d.ellipse((25, 6, 43, 43), fill=color)
+    elif organ == "liver":
+        d.polygon([(4, 7), (44, 7), (37, 42), (11, 42)], fill=color)
+    else:
+        d.polygon([(24, 3), (45, 24), (24, 45), (3, 24)], fill=color)
+
+
+def draw_lesion(d: ImageDraw.ImageDraw, finding: str, center: tuple, r: int, color: tuple):
+    x, y = center
+    box = (x - r, y - r, x + r, y + r)
+    if finding == "tumor":
+        d.ellipse(box, fill=color)
+    elif finding == "cyst":
+        d.ellipse(box, outline=color, width=2)
+    else:  # bleed
+        d.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=color)
+
+
+@functools.lru_cache(maxsize=8192)
+def draw(case: Case) -> Image.Image:
+    """The case as a 48x48 RGB image: field, organ, lesions, a light blur and seeded noise."""
+    rng = random.Random(case.seed)
+    bg, organ_color, lesion_color, style = STYLES[case.modality]
+    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), bg)
+    d = ImageDraw.Draw(img)
+    draw_field(d, style, bg, rng)
+    draw_organ(d, case.organ, organ_color)
+    for slot in case.slots:
+        draw_lesion(d, case.finding, slot, GRADES[case.grade], lesion_color)
+    img = img.filter(ImageFilter.GaussianBlur(0.6))
+    noise = bytes(rng.randrange(256) for _ in range(IMAGE_SIZE * IMAGE_SIZE))
+    speckle = 40 if style == "fan" else 14
+    return Image.blend(img, Image.frombytes("L", img.size, noise).convert("RGB"), speckle / 255)
+
+
+def make_example(rng: random.Random, modality: str) -> Example:
+    """One question, its type drawn uniformly from the five; grading and attribute need a lesion."""
+    qtype = rng.choice(list(QUESTIONS))
+    finding = rng.choice(FINDINGS[1:] if qtype in ("grading", "attribute") else FINDINGS)
+    attribute = rng.choice(list(ATTRIBUTE_QUESTIONS)) if qtype == "attribute" else None
+    n = 0 if finding == "normal" else 1 if attribute == "side" else rng.randint(1, 3)
+    case = Case(modality, rng.choice(ORGANS), finding, rng.choice(list(GRADES)) if n else None,
+                tuple(rng.sample(SLOTS, n)), rng.randrange(2**31))
+    truth, choices, key = {
+        "modality": (modality, rng.sample([m for m in MODALITIES if m != modality], 3) + [modality], "modality"),
+        "anatomy": (case.organ, list(ORGANS), "organ"),
+        "diagnosis": (finding, list(FINDINGS), "finding"),
+        "grading": (case.grade, list(GRADES), "size"),
+        "attribute": (("left" if n and case.slots[0][0] < 24 else "right", ["left", "right"], "side")
+                      if attribute == "side" else (COUNTS[n - 1], list(COUNTS), "count")),
+    }[qtype]
+    rng.shuffle(choices)
+    question = QUESTIONS[qtype] or ATTRIBUTE_QUESTIONS[attribute]
+    return Example(case, qtype, question, tuple(choices), LETTERS[choices.index(truth)], f"{key} {truth}")
+
+
+def make_split(seed: int, name: str, modality: str, n: int) -> list[Example]:
+    """A fixed split: the same (seed, name, modality) always gives the same questions."""
+    rng = random.Random(f"{seed}-{name}-{modality}")
+    return [make_example(rng, modality) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------
+# Prompts and targets (plain, hint request for the teacher, hinted prompt for the student)
+# ---------------------------------------------------------------------------------------
+def prompt_text(ex: Example) -> str:
+    options = " , ".join(f"{o} {LETTERS[i]}" for i, o in enumerate(ex.options))
+    return f"<image> {ex.question} options {options}"
+
+
+def hint_request_text(ex: Example) -> str:
+    """The teacher is shown the ground truth (option text and letter) and asked for a hint (SPEC 3.3)."""
+    return f"{prompt_text(ex)} answer {ex.evidence.split()[-1]} {ex.answer} hint"
+
+
+def hinted_text(ex: Example, hint: str) -> str:
+    """The authors' "v1" hint-aware prompt: the hint and the ground-truth answer."""
+    return f"{prompt_text(ex)} hint {hint} answer {ex.answer}"
+
+
+def answer_text(ex: Example) -> str:
+    return f"<think> {ex.evidence} {ex.answer} </think> <answer> {ex.answer} </answer> <eos>"
+
+
+def hint_text(ex: Example) -> str:
+    return f"<hint> {ex.evidence} </hint> <eos>"
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizer, processor and models, built from code (no download)
+# ---------------------------------------------------------------------------------------
+TAGS = ["<think>", "</think>", "<answer>", "</answer>", "<hint>", "</hint>"]
+
+
+def build_processor() -> LlavaProcessor:
+    """A word-level tokenizer over the toy's words and a SigLIP image processor, as one LlavaProcessor."""
+    words = set(LETTERS) | set(MODALITIES + ORGANS + FINDINGS + list(GRADES) + COUNTS)
+    words |= {",", "left", "right", "options", "answer", "hint", "modality", "organ", "finding", "size", "count", "side"}
+    for q in [*filter(None, QUESTIONS.values()), *ATTRIBUTE_QUESTIONS.values()]:
+        words |= set(q.split())
+    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", "<image>"] + sorted(words))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                  unk_token="<unk>", extra_special_tokens={"image_token": "<image>"},
+                                  padding_side="left")
+    tok.add_tokens(TAGS)
+    images = SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.5] * 3,
+                                  image_std=[0.5] * 3)
+    return LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=PATCH, image_token="<image>",
+                          vision_feature_select_strategy="full", num_additional_image_tokens=0)
+
+
+def build_vlm(tok, hidden: int, layers: int) -> LlavaForConditionalGeneration:
+    """A LLaVA: SigLIP vision tower (16 patches of 12x12) + Qwen2 text model, random init."""
+    vision = SiglipVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH)
+    text = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                       max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
+                         image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+                         vision_feature_select_strategy="full")
+    return LlavaForConditionalGeneration(config)
+
+
+def encode(proc, examples: list[Example], texts: list[str], device) -> kepo.PromptBatch:
+    enc = proc(text=texts, images=[draw(e.case) for e in examples], return_tensors="pt", padding=True)
+    return kepo.PromptBatch(enc["input_ids"].to(device), enc["attention_mask"].to(device),
+                            {"pixel_values": enc["pixel_values"].to(device)})
+
+
+# ---------------------------------------------------------------------------------------
+# Stages 1-2: supervised fine-tuning of the teacher and warm-up of the student
+# ---------------------------------------------------------------------------------------
+def sft_loss(model, proc, examples: list[Example], prompts: list[str], targets: list[str], device):
+    """Cross-entropy on the target tokens only (prompt and padding are labelled -100)."""
+    batch = encode(proc, examples, [f"{p} {t}" for p, t in zip(prompts, targets)], device)
+    labels = batch.input_ids.clone()
+    for i, t in enumerate(targets):
+        labels[i, :labels.shape[1] - len(proc.tokenizer(t).input_ids)] = -100
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.vision,
+                 labels=labels).loss
+
+
+def sft(model, proc, draw_batch, steps: int, batch_size: int, lr: float, device, name: str, seed: int):
+    """AdamW on a stream of (examples, prompts, targets) batches from draw_batch(rng, batch_size)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    rng, start = random.Random(f"sft-{name}-{seed}"), time.time()
+    for step in range(steps):
+        loss = sft_loss(model, proc, *draw_batch(rng, batch_size), device)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % max(steps // 5, 1) == 0:
+            print(f"  [{name}] step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - start:.0f}s)")
+
+
+def teacher_batch():
+    """Teacher data: fresh questions of all modalities; 75% answer, 25% write a hint from the answer."""
+    def draw_batch(rng, n):
+        exs = [make_example(rng, rng.choice(MODALITIES)) for _ in range(n)]
+        hint = [rng.random() < 0.25 for _ in exs]
+        return (exs, [hint_request_text(e) if h else prompt_text(e) for e, h in zip(exs, hint)],
+                [hint_text(e) if h else answer_text(e) for e, h in zip(exs, hint)])
+    return draw_batch
+
+
+def warmup_batch(warm_set: list[Example]):
+    """Student warm-up: the small MRI set; 30% of prompts carry the (correct) hint, so hints are usable."""
+    def draw_batch(rng, n):
+        exs = [rng.choice(warm_set) for _ in range(n)]
+        return (exs, [hinted_text(e, e.evidence) if rng.random() < 0.3 else prompt_text(e) for e in exs],
+                [answer_text(e) for e in exs])
+    return draw_batch
+
+
+# ---------------------------------------------------------------------------------------
+# Stage 4: greedy evaluation, and the learning-cliff measurement before RL
+# ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def correctness(model, proc, examples: list[Example], device, group_size=1, temperature=0.0, chunk=256):
+    """[len(examples) * group_size] 1.0 where the completion's answer letter is right."""
+    tok, out = proc.tokenizer, []
+    suppress = kepo.suppressed_ids(tok, model)
+    step = max(chunk // group_size, 1)
+    for i in range(0, len(examples), step):
+        exs = examples[i:i + step]
+        r = kepo.generate_rollouts(model, tok, encode(proc, exs, [prompt_text(e) for e in exs], device),
+                                   group_size, temperature=temperature, top_p=0.95,
+                                   max_new_tokens=MAX_NEW_TOKENS, suppress=suppress)
+        out.append(kepo.accuracy_reward(r.texts, [e.answer for e in exs for _ in range(group_size)]))
+    return torch.cat(out)
+
+
+def summarize(examples: list[Example], correct: torch.Tensor) -> dict:
+    """Accuracy per modality and per question type, and the ID (MRI) and OOD means."""
+    def mean_where(pred):
+        hits = [c for e, c in zip(examples, correct.tolist()) if pred(e)]
+        return sum(hits) / max(len(hits), 1)
+    res = {m: mean_where(lambda e, m=m: e.case.modality == m) for m in MODALITIES}
+    res.update({f"q/{q}": mean_where(lambda e, q=q: e.qtype == q) for q in QUESTIONS})
+    res["ID"] = res[TRAIN_MODALITY]
+    res["OOD"] = sum(res[m] for m in MODALITIES if m != TRAIN_MODALITY) / (len(MODALITIES) - 1)
+    return res
+
+
+def cliff_by_type(model, proc, examples: list[Example], group_size: int, device) -> dict:
+    """Fraction of prompts whose G samples (temperature 0.9) are all wrong, per question type."""
+    correct = correctness(model, proc, examples, device, group_size, temperature=0.9).view(-1, group_size)
+    all_wrong = (correct.amax(1) == 0).tolist()
+    out = {q: sum(w for e, w in zip(examples, all_wrong) if e.qtype == q) /
+           max(sum(e.qtype == q for e in examples), 1) for q in QUESTIONS}
+    out["all"] = sum(all_wrong) / len(all_wrong)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Cached stages: a stage folder is used only if its marker says it finished with this config
+# ---------------------------------------------------------------------------------------
+def load_stage(path: str, config: dict):
+    """The model saved in `path`, or None if the stage never finished; errors name the folder."""
+    marker = os.path.join(path, "stage.json")
+    if not os.path.exists(marker):
+        return None
+    try:
+        with open(marker) as f:
+            saved = json.load(f)
+        model = AutoModelForImageTextToText.from_pretrained(path)
+    except Exception as e:
+        raise RuntimeError(f"cached stage {path} is corrupt ({type(e).__name__}: {e}); delete it to rebuild") from e
+    if saved["config"] != json.loads(json.dumps(config)):  # compare as stored: tuples become lists
+        raise RuntimeError(f"cached stage {path} was built with {saved['config']}, not {config}; "
+                           "use another --out or delete it")
+    return model, saved
+
+
+def save_stage(path: str, model, proc, config: dict, info: dict):
+    """save_pretrained into a temporary folder, then rename: a killed save leaves no half stage."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    proc.save_pretrained(tmp)
+    with open(os.path.join(tmp, "stage.json"), "w") as f:
+        json.dump({"config": config, **info}, f, indent=1)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def teacher_stage(a: Args, p: dict, proc):
+    path = os.path.join(a.out, f"{a.preset}-teacher")
+    config = {"size": p["teacher"], "steps": p["teacher_steps"], "batch": p["teacher_batch"], "lr": p["sft_lr"]}
+    cached = load_stage(path, config)
+    if cached:
+        return cached[0].to(a.device)
+    print(f"stage 1: teacher SFT on all modalities ({p['teacher_steps']} steps, shared by every seed)")
+    torch.manual_seed(TEACHER_SEED)
+    teacher = build_vlm(proc.tokenizer, *p["teacher"]).to(a.device)
+    sft(teacher, proc, teacher_batch(), p["teacher_steps"], p["teacher_batch"], p["sft_lr"], a.device, "teacher", TEACHER_SEED)
+    save_stage(path, teacher, proc, config, {})
+    return teacher
+
+
+def student_stage(a: Args, p: dict, proc, root: str):
+    path = os.path.join(root, "student_init")
+    config = {"size": p["student"], "steps": p["warm_steps"], "n_warm": p["n_warm"], "lr": p["sft_lr"]}
+    cached = load_stage(path, config)
+    if cached:
+        return cached[0].to(a.device)
+    print(f"stage 2: student warm-up SFT on {p['n_warm']} MRI questions ({p['warm_steps']} steps)")
+    torch.manual_seed(a.seed + 1)
+    student = build_vlm(proc.tokenizer, *p["student"]).to(a.device)
+    warm = make_split(a.seed, "warm", TRAIN_MODALITY, p["n_warm"])
+    sft(student, proc, warmup_batch(warm), p["warm_steps"], p["sft_batch"], p["sft_lr"], a.device, "student", a.seed)
+    save_stage(path, student, proc, config, {})
+    return student
+
+
+# ---------------------------------------------------------------------------------------
+# Stage 3: RL on MRI questions, with checkpoints and resume
+# ---------------------------------------------------------------------------------------
+def run_name(a: Args) -> str:
+    name = f"rl-{a.method}"
+    if a.method in ("kdpo", "kepo") and a.tau != 1.0:
+        name += f"-tau{a.tau:g}"
+    if a.method == "kepo" and a.hint_mode != "adaptive":
+        name += f"-{a.hint_mode}"
+    return name
+
+
+def save_checkpoint(run_dir: str, step: int, student, proc, opt):
+    tmp, final = os.path.join(run_dir, "ckpt.tmp"), os.path.join(run_dir, "ckpt")
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    proc.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               os.path.join(tmp, "trainer.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def load_checkpoint(run_dir: str, opt_factory, device):
+    """(student, optimizer, step) from run_dir/ckpt; a corrupt checkpoint names itself."""
+    path = os.path.join(run_dir, "ckpt")
+    try:
+        student = AutoModelForImageTextToText.from_pretrained(path).to(device)
+        state = torch.load(os.path.join(path, "trainer.pt"), weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise RuntimeError(f"checkpoint {path} is corrupt ({type(e).__name__}: {e}); delete it to restart") from e
+    opt = opt_factory(student)
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return student, opt, state["step"]
+
+
+def rl_batch(a: Args, train: list[Example], step: int, n: int) -> list[Example]:
+    """The step's prompts: a function of (seed, step) alone, so a resumed run sees the same ones."""
+    return random.Random(f"{a.seed}-rl-{step}").sample(train, n)
+
+
+def hint_prompts(exs: list[Example], proc, device) -> kepo.HintPrompts:
+    """The toy's two hint prompt builders for this step's prompts (indices into exs)."""
+    return kepo.HintPrompts(
+        request=lambda idx: encode(proc, [exs[i] for i in idx], [hint_request_text(exs[i]) for i in idx], device),
+        hinted=lambda idx, hints: encode(proc, [exs[i] for i in idx],
+                                         [hinted_text(exs[i], h) for i, h in zip(idx, hints)], device))
+
+
+def rl(a: Args, p: dict, proc, teacher, root: str, cfg: kepo.KEPOConfig, curve_set: list[Example]):
+    """RL on MRI questions with kepo.kepo_step; returns the trained student. Metrics go to metrics.jsonl."""
+    run_dir = os.path.join(root, run_name(a))
+    os.makedirs(run_dir, exist_ok=True)
+    train = make_split(a.seed, "train", TRAIN_MODALITY, p["n_train"])
+    student_dir = os.path.join(root, "student_init")
+    ref = AutoModelForImageTextToText.from_pretrained(student_dir).to(a.device).requires_grad_(False)
+    opt_factory = lambda m: torch.optim.AdamW(m.parameters(), lr=p["lr"], weight_decay=0.0)  # noqa: E731
+    metrics_path, start = os.path.join(run_dir, "metrics.jsonl"), 0
+    if a.resume and os.path.exists(os.path.join(run_dir, "ckpt")):
+        student, opt, start = load_checkpoint(run_dir, opt_factory, a.device)
+        print(f"resumed {run_dir} at step {start}")
+    else:
+        student = AutoModelForImageTextToText.from_pretrained(student_dir).to(a.device)
+        opt = opt_factory(student)
+        torch.manual_seed(a.seed)
+    kept = [ln for ln in open(metrics_path) if json.loads(ln)["step"] <= start] if start else []
+    with open(metrics_path, "w") as f:  # drop lines logged after the checkpoint we resume from
+        f.writelines(kept)
+    t0 = time.time()
+    for step in range(start + 1, p["steps"] + 1):
+        exs = rl_batch(a, train, step, p["batch_prompts"])
+        prompts = encode(proc, exs, [prompt_text(e) for e in exs], a.device)
+        m = kepo.kepo_step(student, opt, proc.tokenizer, prompts, [e.answer for e in exs], cfg, a.method,
+                           teacher=teacher, ref_model=ref, hint_prompts=hint_prompts(exs, proc, a.device))
+        m["step"] = step
+        if step % p["eval_every"] == 0 or step == p["steps"]:
+            te = time.time()
+            m["eval/OOD"] = summarize(curve_set, correctness(student, proc, curve_set, a.device))["OOD"]
+            m["time/eval"] = time.time() - te
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        if step % p["log_every"] == 0 or step == p["steps"]:
+            rate = (step - start) / (time.time() - t0)
+            print(f"  step {step:4d}/{p['steps']} reward {m['reward']:.2f} acc {m['sample_accuracy']:.2f} "
+                  f"cliff {m['cliff_groups']:.2f} gate {m.get('gate_frac', 0):.2f} "
+                  f"hint-acc {m.get('hint_accept_rate', 0):.2f} | {rate:.2f} steps/s "
+                  f"ETA {(p['steps'] - step) / rate:.0f}s")
+        if step % p["ckpt_every"] == 0:
+            save_checkpoint(run_dir, step, student, proc, opt)
+    student.save_pretrained(os.path.join(run_dir, "student"))
+    proc.save_pretrained(os.path.join(run_dir, "student"))
+    return student, run_dir
+
+
+# ---------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------
+def print_table(rows: dict[str, dict]):
+    """Accuracy per modality (MRI in-distribution, marked *), ID and OOD means, per question type."""
+    cols = MODALITIES + ["ID", "OOD"] + [f"q/{q}" for q in QUESTIONS]
+    head = [c + "*" if c == TRAIN_MODALITY else c.removeprefix("q/") for c in cols]
+    width = max(len(n) for n in rows) + 2
+    print("".ljust(width) + " ".join(h[:10].rjust(10) for h in head))
+    for name, res in rows.items():
+        print(name.ljust(width) + " ".join(f"{res[c]:10.3f}" for c in cols))
+
+
+def phase_times(run_dir: str) -> dict:
+    keys = ["time/generate", "time/hints", "time/teacher", "time/loss_backward", "time/eval"]
+    lines = [json.loads(ln) for ln in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return {k: sum(m.get(k, 0.0) for m in lines) for k in keys}
+
+
+def run_method(a: Args, p: dict, proc, teacher, root: str, test: list[Example], curve_set: list[Example]) -> dict:
+    """Stage 3 and 4 for a.method; results.json is written and returned."""
+    results_path = os.path.join(root, run_name(a), "results.json")
+    if a.resume and os.path.exists(results_path):
+        with open(results_path) as f:
+            return json.load(f)
+    cfg = kepo.KEPOConfig(group_size=a.group_size, max_new_tokens=MAX_NEW_TOKENS, max_hint_tokens=MAX_NEW_TOKENS,
+                          tau=a.tau, hint_mode=a.hint_mode)
+    print(f"stage 3: RL ({a.method}) on {p['n_train']} MRI questions, {p['steps']} steps x "
+          f"{p['batch_prompts']} prompts x G={a.group_size}")
+    start = time.time()
+    student, run_dir = rl(a, p, proc, teacher, root, cfg, curve_set)
+    rl_time = time.time() - start
+    start = time.time()
+    res = summarize(test, correctness(student, proc, test, a.device))
+    res.update(method=a.method, run=run_name(a), seed=a.seed, preset=a.preset, rl_seconds=rl_time,
+               eval_seconds=time.time() - start, phases=phase_times(run_dir), kepo_config=asdict(cfg))
+    with open(results_path, "w") as f:
+        json.dump(res, f, indent=1)
+    return res
+
+
+def main(a: Args):
+    p = dict(PRESETS[a.preset])
+    p.update({k: getattr(a, k) for k in ("steps", "batch_prompts", "lr", "ckpt_every", "log_every") if getattr(a, k)})
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(a.seed)
+    root = os.path.join(a.out, f"{a.preset}-seed{a.seed}")
+    os.makedirs(root, exist_ok=True)
+    proc = build_processor()
+    t_all = time.time()
+    teacher = teacher_stage(a, p, proc)
+    student = student_stage(a, p, proc, root)
+    test = [e for m in MODALITIES for e in make_split(a.seed, "test", m, p["n_test"])]
+    curve_set = [e for m in MODALITIES for e in make_split(a.seed, "curve", m, p["n_eval_curve"])]
+    rows = {"teacher": summarize(test, correctness(teacher, proc, test, a.device)),
+            "student (before RL)": summarize(test, correctness(student, proc, test, a.device))}
+    cliff = cliff_by_type(student, proc, make_split(a.seed, "train", TRAIN_MODALITY, p["n_train"])[:p["n_cliff"]],
+                          a.group_size, a.device)
+    print(f"learning cliff before RL (MRI train, G={a.group_size}, all samples wrong): "
+          + ", ".join(f"{q} {v:.2f}" for q, v in cliff.items()))
+    for method in METHOD_ORDER if a.compare else [a.method]:
+        rows[method if a.compare else run_name(a)] = run_method(Args(**{**asdict(a), "method": method}), p, proc,
+                                                                teacher, root, test, curve_set)
+    print(f"\ngreedy accuracy on {p['n_test']} held-out questions per modality (* = in-distribution):")
+    print_table(rows)
+    with open(os.path.join(root, "summary.json"), "w") as f:
+        json.dump({"cliff_before_rl": cliff, "rows": rows, "seconds": time.time() - t_all}, f, indent=1)
+    print(f"\nresults in {root}/ ({time.time() - t_all:.0f}s)")
+    return rows
+
+
+METHOD_ORDER = ["grpo", "opd", "kdpo", "kepo"]
+
+
+def parse_args(argv=None) -> Args:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in fields(Args):
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type is bool:
+            parser.add_argument(flag, action="store_true", help=help)
+        else:
+            parser.add_argument(flag, type=f.type, default=f.default, help=help)
+    a = Args(**vars(parser.parse_args(argv)))
+    if a.preset not in PRESETS or a.method not in METHOD_ORDER or a.hint_mode not in ("adaptive", "always"):
+        parser.error(f"--preset in {list(PRESETS)}, --method in {METHOD_ORDER}, --hint-mode in adaptive/always")
+    return a
+
+
+if __name__ == "__main__":
+    main(parse_args())
