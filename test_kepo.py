@@ -490,3 +490,30 @@ def test_corrupt_stage_names_itself(smoke, tmp_path):
     with pytest.raises(RuntimeError, match=f"cached stage {stage} is corrupt"):
         ts.load_stage(str(stage), json.loads((stage / "stage.json").read_text())["config"])
     assert ts.load_stage(str(tmp_path / "missing"), {}) is None
+
+
+def test_variants_map_to_distinct_run_folders():
+    a = ts.Args()
+    names = [ts.run_name(ts.variant_args(a, v)) for v in ts.VARIANTS]
+    assert names == ["rl-" + v for v in ts.VARIANTS]
+
+
+def test_report_aggregates_the_smoke_run(smoke):
+    out, _ = smoke
+    proc = run_script("--preset", "smoke", "--out", str(out), "--report")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (out / "smoke-report.md").read_text()
+    for name in ("teacher", "student (before RL)", "rl-kepo"):
+        assert f"| {name} | 1 |" in table
+    assert "cliff prompts solved after RL" in table
+
+
+def test_compare_runs_every_method_from_one_student(smoke, tmp_path):
+    shutil.copytree(smoke[0], tmp_path, dirs_exist_ok=True)
+    out = tmp_path
+    proc = run_script("--preset", "smoke", "--out", str(out), "--device", "cpu", "--compare", "--steps", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = proc.stdout[proc.stdout.index("greedy accuracy"):]
+    for name in ts.METHOD_ORDER:
+        assert f"\nrl-{name} " in table
+        assert json.loads((out / "smoke-seed1" / f"rl-{name}" / "results.json").read_text())["settings"]["steps"] == 2

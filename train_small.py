@@ -3,12 +3,16 @@
     python train_small.py                     # KEPO, default preset (one GPU)
     python train_small.py --preset smoke      # the whole pipeline on CPU in well under a minute
     python train_small.py --compare           # grpo, opd, kdpo, kepo from the same student and seed
+    python train_small.py --grid              # every method and ablation for 3 seeds, then a report
 
 A miniature of the paper's protocol (SPEC.md sections 6-7), nothing downloaded:
   data     procedurally drawn 48x48 images in 8 synthetic "modalities" that share anatomy and
            findings but differ in look; OmniMedVQA-style multiple-choice questions of the 5
            types (modality, anatomy, diagnosis, lesion grading, other attributes: side or
-           count) with shuffled options; answers `<think>evidence</think><answer>X</answer>`.
+           count) with shuffled options, listed as `options ct a , mri b , ...`; answers
+           `<think> modality mri b </think> <answer> b </answer>`: the evidence, the letter it
+           points to, the answer. (Listing the letter after the option text makes the lookup an
+           induction copy that a 2-layer model learns; letter-first listing was not learned.)
   models   two LLaVA-style VLMs (SigLIP vision tower + Qwen2 text model) from configs with
            random init; the teacher is several times larger. A word-level tokenizer and a
            LlavaProcessor are built in code and saved, so everything reloads with
@@ -22,13 +26,14 @@ step itself is kepo.kepo_step, unchanged from what a real trainer would call.
 """
 import argparse
 import functools
+import glob
 import json
 import math
 import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 # transformers warns at import about optional backends (torchvision) that the toy does not need
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -64,21 +69,25 @@ class Args:
     hint_mode: str = arg("adaptive", "adaptive: hints for groups with no correct rollout; always: every group")
     ckpt_every: int = arg(0, "RL checkpoint interval in steps (0: the preset's)")
     log_every: int = arg(0, "progress line interval in steps (0: the preset's)")
+    grid: bool = arg(False, "every method and ablation for each of --seeds (finished runs are reused), then --report")
+    seeds: str = arg("1,2,3", "seeds of --grid, comma-separated")
+    jobs: int = arg(1, "RL runs in parallel processes (a GPU box with many cores); 1 runs them in turn")
+    report: bool = arg(False, "aggregate the results under --out: mean ± std tables and curves (needs matplotlib)")
 
 
-PRESETS = {  # sizes and budgets; the RL hyperparameters are shared by every method
-    "default": dict(teacher_steps=3000, teacher_batch=128, warm_steps=300, steps=200, batch_prompts=64, lr=3e-4,
+PRESETS = {  # sizes and budgets; the RL hyperparameters are shared by every method. cpu = default with 4x fewer prompts
+    "default": dict(teacher_steps=3000, teacher_batch=64, warm_steps=300, steps=200, batch_prompts=64, lr=3e-4,
                     sft_lr=1e-3, sft_batch=64, n_train=600, n_warm=200, n_test=100, n_cliff=192, eval_every=25,
-                    n_eval_curve=24, ckpt_every=25, log_every=10, student=(64, 2), teacher=(192, 2)),
-    "cpu": dict(teacher_steps=3000, teacher_batch=64, warm_steps=300, steps=60, batch_prompts=16, lr=3e-4,
-                sft_lr=1e-3, sft_batch=64, n_train=600, n_warm=200, n_test=50, n_cliff=192, eval_every=20,
-                n_eval_curve=12, ckpt_every=20, log_every=5, student=(48, 2), teacher=(128, 2)),
+                    n_eval_curve=24, ckpt_every=25, log_every=10, student=(48, 2), teacher=(128, 2)),
+    "cpu": dict(teacher_steps=3000, teacher_batch=64, warm_steps=300, steps=200, batch_prompts=16, lr=3e-4,
+                sft_lr=1e-3, sft_batch=64, n_train=600, n_warm=200, n_test=50, n_cliff=192, eval_every=25,
+                n_eval_curve=12, ckpt_every=50, log_every=25, student=(48, 2), teacher=(128, 2)),
     "smoke": dict(teacher_steps=8, teacher_batch=16, warm_steps=4, steps=6, batch_prompts=4, lr=3e-4, sft_lr=1e-3,
                   sft_batch=16, n_train=16, n_warm=16, n_test=4, n_cliff=8, eval_every=3, n_eval_curve=2,
                   ckpt_every=2, log_every=2, student=(32, 1), teacher=(48, 1)),
 }
 TEACHER_SEED = 0  # the teacher stands for a fixed pretrained model: trained once per preset, shared by all seeds
-MAX_NEW_TOKENS = 12  # the longest target, "<think> modality ultrasound </think> <answer> a </answer> <eos>", is 8
+MAX_NEW_TOKENS = 12  # the longest target, "<think> modality ultrasound a </think> <answer> a </answer> <eos>", is 9
 
 
 # ---------------------------------------------------------------------------------------
@@ -376,13 +385,16 @@ def summarize(examples: list[Example], correct: torch.Tensor) -> dict:
     return res
 
 
-def cliff_by_type(model, proc, examples: list[Example], group_size: int, device) -> dict:
-    """Fraction of prompts whose G samples (temperature 0.9) are all wrong, per question type."""
+def cliff_mask(model, proc, examples: list[Example], group_size: int, device) -> list[bool]:
+    """Per prompt: are all G samples (temperature 0.9, as in RL) wrong? The learning cliff."""
     correct = correctness(model, proc, examples, device, group_size, temperature=0.9).view(-1, group_size)
-    all_wrong = (correct.amax(1) == 0).tolist()
-    out = {q: sum(w for e, w in zip(examples, all_wrong) if e.qtype == q) /
-           max(sum(e.qtype == q for e in examples), 1) for q in QUESTIONS}
-    out["all"] = sum(all_wrong) / len(all_wrong)
+    return (correct.amax(1) == 0).tolist()
+
+
+def cliff_by_type(examples: list[Example], mask: list[bool]) -> dict:
+    out = {q: sum(w for e, w in zip(examples, mask) if e.qtype == q) / max(sum(e.qtype == q for e in examples), 1)
+           for q in QUESTIONS}
+    out["all"] = sum(mask) / len(mask)
     return out
 
 
@@ -564,59 +576,204 @@ def phase_times(run_dir: str) -> dict:
     return {k: sum(m.get(k, 0.0) for m in lines) for k in keys}
 
 
-def run_method(a: Args, p: dict, proc, teacher, root: str, test: list[Example], curve_set: list[Example]) -> dict:
-    """Stage 3 and 4 for a.method; results.json is written and returned."""
+def run_method(a: Args, p: dict, proc, teacher, root: str, before: dict) -> dict:
+    """Stages 3 and 4 for one method or ablation; results.json is written and returned."""
     results_path = os.path.join(root, run_name(a), "results.json")
+    settings = {k: p[k] for k in ("steps", "batch_prompts", "lr")} | {"group_size": a.group_size}
     if a.resume and os.path.exists(results_path):
         with open(results_path) as f:
-            return json.load(f)
+            res = json.load(f)
+        if res["settings"] == settings:
+            return res
+        print(f"{results_path} was made with {res['settings']}, not {settings}: running it again")
     cfg = kepo.KEPOConfig(group_size=a.group_size, max_new_tokens=MAX_NEW_TOKENS, max_hint_tokens=MAX_NEW_TOKENS,
                           tau=a.tau, hint_mode=a.hint_mode)
-    print(f"stage 3: RL ({a.method}) on {p['n_train']} MRI questions, {p['steps']} steps x "
+    print(f"stage 3: RL ({run_name(a)}) on {p['n_train']} MRI questions, {p['steps']} steps x "
           f"{p['batch_prompts']} prompts x G={a.group_size}")
     start = time.time()
-    student, run_dir = rl(a, p, proc, teacher, root, cfg, curve_set)
-    rl_time = time.time() - start
-    start = time.time()
-    res = summarize(test, correctness(student, proc, test, a.device))
-    res.update(method=a.method, run=run_name(a), seed=a.seed, preset=a.preset, rl_seconds=rl_time,
+    student, run_dir = rl(a, p, proc, teacher, root, cfg, splits(a, p)["curve"])
+    rl_time, start = time.time() - start, time.time()
+    res = summarize(splits(a, p)["test"], correctness(student, proc, splits(a, p)["test"], a.device))
+    cliff_set, was_cliff = splits(a, p)["cliff"], before["cliff_mask"]
+    still = cliff_mask(student, proc, cliff_set, a.group_size, a.device)
+    res["cliff_solved"] = sum(w and not s for w, s in zip(was_cliff, still)) / max(sum(was_cliff), 1)
+    res.update(method=a.method, run=run_name(a), seed=a.seed, preset=a.preset, settings=settings, rl_seconds=rl_time,
                eval_seconds=time.time() - start, phases=phase_times(run_dir), kepo_config=asdict(cfg))
     with open(results_path, "w") as f:
         json.dump(res, f, indent=1)
     return res
 
 
-def main(a: Args):
+def splits(a: Args, p: dict) -> dict:
+    """Held-out test questions of all modalities, the OOD-curve subset, and the MRI prompts the cliff is measured on."""
+    return {"test": [e for m in MODALITIES for e in make_split(a.seed, "test", m, p["n_test"])],
+            "curve": [e for m in MODALITIES for e in make_split(a.seed, "curve", m, p["n_eval_curve"])],
+            "cliff": make_split(a.seed, "train", TRAIN_MODALITY, p["n_train"])[:p["n_cliff"]]}
+
+
+def before_rl(a: Args, p: dict, proc, teacher, student, root: str) -> dict:
+    """Teacher and warm student accuracy, and the learning cliff before RL; cached next to the student."""
+    path = os.path.join(root, "student_init", "before_rl.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    s = splits(a, p)
+    torch.manual_seed(a.seed)
+    mask = cliff_mask(student, proc, s["cliff"], a.group_size, a.device)
+    before = {"rows": {"teacher": summarize(s["test"], correctness(teacher, proc, s["test"], a.device)),
+                       "student (before RL)": summarize(s["test"], correctness(student, proc, s["test"], a.device))},
+              "cliff": cliff_by_type(s["cliff"], mask), "cliff_mask": mask}
+    with open(path, "w") as f:
+        json.dump(before, f)
+    return before
+
+
+VARIANTS = {  # name -> switches that differ from the shared settings; --compare runs the first four
+    "grpo": {"method": "grpo"}, "opd": {"method": "opd"}, "kdpo": {"method": "kdpo"}, "kepo": {"method": "kepo"},
+    "kepo-tau0": {"method": "kepo", "tau": 0.0}, "kepo-tau2": {"method": "kepo", "tau": 2.0},
+    "kepo-always": {"method": "kepo", "hint_mode": "always"},
+}
+METHOD_ORDER = ["grpo", "opd", "kdpo", "kepo"]
+
+
+def variant_args(a: Args, name: str) -> Args:
+    return Args(**{**asdict(a), "tau": 1.0, "hint_mode": "adaptive", **VARIANTS[name]})
+
+
+def main(a: Args) -> dict:
+    """Stages 1-4 for one seed: a.method, or the four methods (--compare), or every variant (--grid)."""
     p = dict(PRESETS[a.preset])
     p.update({k: getattr(a, k) for k in ("steps", "batch_prompts", "lr", "ckpt_every", "log_every") if getattr(a, k)})
-    hf_logging.disable_progress_bar()
-    torch.manual_seed(a.seed)
     root = os.path.join(a.out, f"{a.preset}-seed{a.seed}")
     os.makedirs(root, exist_ok=True)
-    proc = build_processor()
-    t_all = time.time()
+    proc, t_all = build_processor(), time.time()
     teacher = teacher_stage(a, p, proc)
     student = student_stage(a, p, proc, root)
-    test = [e for m in MODALITIES for e in make_split(a.seed, "test", m, p["n_test"])]
-    curve_set = [e for m in MODALITIES for e in make_split(a.seed, "curve", m, p["n_eval_curve"])]
-    rows = {"teacher": summarize(test, correctness(teacher, proc, test, a.device)),
-            "student (before RL)": summarize(test, correctness(student, proc, test, a.device))}
-    cliff = cliff_by_type(student, proc, make_split(a.seed, "train", TRAIN_MODALITY, p["n_train"])[:p["n_cliff"]],
-                          a.group_size, a.device)
+    before = before_rl(a, p, proc, teacher, student, root)
     print(f"learning cliff before RL (MRI train, G={a.group_size}, all samples wrong): "
-          + ", ".join(f"{q} {v:.2f}" for q, v in cliff.items()))
-    for method in METHOD_ORDER if a.compare else [a.method]:
-        rows[method if a.compare else run_name(a)] = run_method(Args(**{**asdict(a), "method": method}), p, proc,
-                                                                teacher, root, test, curve_set)
+          + ", ".join(f"{q} {v:.2f}" for q, v in before["cliff"].items()))
+    runs = list(VARIANTS) if a.grid else METHOD_ORDER if a.compare else [None]
+    runs = [variant_args(a, r) if r else a for r in runs]
+    rows = dict(before["rows"])
+    if a.jobs > 1:  # independent RL runs as parallel processes (one GPU, many CPU cores)
+        launch_parallel(a, runs)
+    for r in runs:
+        rows[run_name(r)] = run_method(r, p, proc, teacher, root, before)
     print(f"\ngreedy accuracy on {p['n_test']} held-out questions per modality (* = in-distribution):")
     print_table(rows)
     with open(os.path.join(root, "summary.json"), "w") as f:
-        json.dump({"cliff_before_rl": cliff, "rows": rows, "seconds": time.time() - t_all}, f, indent=1)
+        json.dump({"cliff_before_rl": before["cliff"], "rows": rows, "seconds": time.time() - t_all}, f, indent=1)
     print(f"\nresults in {root}/ ({time.time() - t_all:.0f}s)")
     return rows
 
 
-METHOD_ORDER = ["grpo", "opd", "kdpo", "kepo"]
+def launch_parallel(a: Args, runs: list[Args]):
+    """Run each variant's RL as its own `train_small.py --resume` process, at most a.jobs at once."""
+    import subprocess
+    import sys
+    pending, active = list(runs), []
+    while pending or active:
+        while pending and len(active) < a.jobs:
+            r = pending.pop(0)
+            flags = ["--preset", r.preset, "--seed", str(r.seed), "--method", r.method, "--tau", str(r.tau),
+                     "--hint-mode", r.hint_mode, "--out", r.out, "--device", r.device, "--resume"]
+            flags += [f"--{k.replace('_', '-')}={getattr(r, k)}" for k in ("steps", "batch_prompts", "lr") if getattr(r, k)]
+            log = open(os.path.join(r.out, f"{r.preset}-seed{r.seed}", f"{run_name(r)}.log"), "w")
+            active.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *flags], stdout=log,
+                                           stderr=subprocess.STDOUT))
+        time.sleep(1)
+        done = [q for q in active if q.poll() is not None]
+        for q in done:
+            if q.returncode:
+                raise RuntimeError(f"a parallel run failed ({' '.join(q.args[2:])}); see its .log in {a.out}")
+        active = [q for q in active if q.poll() is None]
+
+
+# ---------------------------------------------------------------------------------------
+# Report over seeds (--report, and after --grid): mean +- std table, hint numbers, curves
+# ---------------------------------------------------------------------------------------
+CURVES = {"reward": "training reward", "cliff_groups": "all-wrong groups", "distill_loss": "distillation loss",
+          "gate_frac": "gate fraction", "eval/OOD": "OOD accuracy (greedy)"}
+
+
+def collect(a: Args) -> dict[str, list[dict]]:
+    """name -> one results dict per seed, for the runs and the before-RL rows under --out."""
+    found = {}
+    for seed_dir in sorted(glob.glob(os.path.join(a.out, f"{a.preset}-seed*"))):
+        before = os.path.join(seed_dir, "student_init", "before_rl.json")
+        if os.path.exists(before):
+            for name, row in json.load(open(before))["rows"].items():
+                found.setdefault(name, []).append(row)
+        for path in sorted(glob.glob(os.path.join(seed_dir, "rl-*", "results.json"))):
+            res = json.load(open(path))
+            metrics = [json.loads(ln) for ln in open(os.path.join(os.path.dirname(path), "metrics.jsonl"))]
+            for key in ("hint_groups", "hint_accept_rate", "hint_injected"):
+                res[key] = sum(m.get(key, 0.0) for m in metrics) / len(metrics)
+            res["curves"] = {k: [m.get(k) for m in metrics] for k in CURVES}
+            found.setdefault(res["run"], []).append(res)
+    return found
+
+
+def mean_std(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def report(a: Args):
+    """Markdown tables (mean ± std over seeds) to {out}/{preset}-report.md, curves to {out}/{preset}-curves.png."""
+    order = ["teacher", "student (before RL)"] + ["rl-" + v for v in VARIANTS]
+    found = dict(sorted(collect(a).items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    if not found:
+        raise SystemExit(f"--report: no results under {a.out} for preset {a.preset}")
+    cols = MODALITIES + ["ID", "OOD"]
+    lines = ["| run | seeds | " + " | ".join(c + (" (ID)" if c == TRAIN_MODALITY else "") for c in cols) + " |",
+             "|---" * (len(cols) + 2) + "|"]
+    lines += [f"| {n} | {len(rs)} | " + " | ".join(mean_std([r[c] for r in rs]) for c in cols) + " |"
+              for n, rs in found.items()]
+    qcols = [f"q/{q}" for q in QUESTIONS]
+    lines += ["", "| run | " + " | ".join(q[2:] for q in qcols) + " |", "|---" * (len(qcols) + 1) + "|"]
+    lines += [f"| {n} | " + " | ".join(mean_std([r[c] for r in rs]) for c in qcols) + " |" for n, rs in found.items()]
+    hint_runs = {n: rs for n, rs in found.items() if "cliff_solved" in rs[0]}
+    lines += ["", "| run | triggered groups / step | groups with an accepted hint | injected / step | "
+              "cliff prompts solved after RL | RL seconds |", "|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {mean_std([r['hint_groups'] for r in rs])} | {mean_std([r['hint_accept_rate'] for r in rs])} "
+              f"| {mean_std([r['hint_injected'] for r in rs])} | {mean_std([r['cliff_solved'] for r in rs])} "
+              f"| {mean_std([r['rl_seconds'] for r in rs])} |" for n, rs in hint_runs.items()]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(a.out, f"{a.preset}-report.md"), "w") as f:
+        f.write(text)
+    print(text)
+    plot_curves(a, hint_runs)
+
+
+def plot_curves(a: Args, runs: dict[str, list[dict]]):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--report: curves need matplotlib (pip install matplotlib); the tables above are complete")
+        return
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.4))
+    for ax, (key, title) in zip(axes, CURVES.items()):
+        for i, (name, rs) in enumerate(runs.items()):
+            points = [[(s + 1, v) for s, v in enumerate(r["curves"][key]) if v is not None] for r in rs]
+            if not points[0]:
+                continue
+            steps = [x for x, _ in points[0]]
+            mean = [sum(p[j][1] for p in points) / len(points) for j in range(len(steps))]
+            w = 1 if key == "eval/OOD" else 10  # per-step metrics: a 10-step moving average
+            smooth = [sum(mean[max(0, j - w + 1):j + 1]) / len(mean[max(0, j - w + 1):j + 1]) for j in range(len(mean))]
+            ax.plot(steps, smooth, label=name, lw=1.3, color=f"C{i}", ls="--" if "-" in name[3:] else "-")
+        ax.set_title(title)
+        ax.set_xlabel("RL step")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"preset {a.preset}: mean over {len(next(iter(runs.values())))} seeds (per-step curves: 10-step moving average)")
+    fig.tight_layout()
+    path = os.path.join(a.out, f"{a.preset}-curves.png")
+    fig.savefig(path, dpi=110)
+    print(f"curves in {path}")
 
 
 def parse_args(argv=None) -> Args:
@@ -634,4 +791,12 @@ def parse_args(argv=None) -> Args:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    args = parse_args()
+    hf_logging.disable_progress_bar()
+    if args.grid:
+        for seed in map(int, args.seeds.split(",")):
+            main(replace(args, seed=seed, resume=True))
+    if args.grid or args.report:
+        report(args)
+    else:
+        main(args)
