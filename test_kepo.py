@@ -286,6 +286,22 @@ def test_generation_shapes_masks_and_logps(tokenizer):
     assert torch.allclose(logps, expected, atol=1e-5)
 
 
+def test_scoring_reproduces_generate_logits_with_left_padding(tokenizer):
+    model = tiny_vlm(tokenizer)
+    prompts = prompt_batch(tokenizer, ["what finding is shown options a b c d look at", "what is shown"])
+    assert (prompts.attention_mask == 0).any()  # one prompt is left-padded
+    rows = prompts.select([0, 0, 1, 1])
+    torch.manual_seed(0)
+    out = model.generate(input_ids=rows.input_ids, attention_mask=rows.attention_mask, **rows.vision,
+                         do_sample=True, top_k=0, max_new_tokens=5, min_new_tokens=5,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         suppress_tokens=kepo.suppressed_ids(tokenizer, model), output_logits=True,
+                         return_dict_in_generate=True)
+    ids = out.sequences[:, rows.input_ids.shape[1]:]
+    r = kepo.Rollouts(rows, ids, torch.ones_like(ids, dtype=torch.int), [""] * 4)
+    assert torch.allclose(kepo.completion_logits(model, r), torch.stack(out.logits, 1), atol=1e-5)
+
+
 def test_greedy_generation_is_deterministic(tokenizer):
     model = tiny_vlm(tokenizer)
     prompts = prompt_batch(tokenizer, ["what finding is shown"])
