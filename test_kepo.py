@@ -527,9 +527,13 @@ def test_report_aggregates_the_smoke_run(smoke):
 def test_compare_runs_every_method_from_one_student(smoke, tmp_path):
     shutil.copytree(smoke[0], tmp_path, dirs_exist_ok=True)
     out = tmp_path
-    proc = run_script("--preset", "smoke", "--out", str(out), "--device", "cpu", "--compare", "--steps", "2")
+    proc = run_script("--preset", "smoke", "--out", str(out), "--device", "cpu", "--compare", "--steps", "2",
+                      "--jobs", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = proc.stdout[proc.stdout.index("greedy accuracy"):]
     for name in ts.METHOD_ORDER:
         assert f"\nrl-{name} " in table
         assert json.loads((out / "smoke-seed1" / f"rl-{name}" / "results.json").read_text())["settings"]["steps"] == 2
+        assert (out / "smoke-seed1" / f"rl-{name}.log").exists()  # each ran in its own process
+    assert "stage 3" not in proc.stdout  # the parent only read their results back
+

@@ -415,17 +415,17 @@ def load_stage(path: str, config: dict):
     if saved["config"] != json.loads(json.dumps(config)):  # compare as stored: tuples become lists
         raise RuntimeError(f"cached stage {path} was built with {saved['config']}, not {config}; "
                            "use another --out or delete it")
-    return model, saved
+    return model
 
 
-def save_stage(path: str, model, proc, config: dict, info: dict):
+def save_stage(path: str, model, proc, config: dict):
     """save_pretrained into a temporary folder, then rename: a killed save leaves no half stage."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     proc.save_pretrained(tmp)
     with open(os.path.join(tmp, "stage.json"), "w") as f:
-        json.dump({"config": config, **info}, f, indent=1)
+        json.dump({"config": config}, f, indent=1)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
 
@@ -434,13 +434,13 @@ def teacher_stage(a: Args, p: dict, proc):
     path = os.path.join(a.out, f"{a.preset}-teacher")
     config = {"size": p["teacher"], "steps": p["teacher_steps"], "batch": p["teacher_batch"], "lr": p["sft_lr"]}
     cached = load_stage(path, config)
-    if cached:
-        return cached[0].to(a.device)
+    if cached is not None:
+        return cached.to(a.device)
     print(f"stage 1: teacher SFT on all modalities ({p['teacher_steps']} steps, shared by every seed)")
     torch.manual_seed(TEACHER_SEED)
     teacher = build_vlm(proc.tokenizer, *p["teacher"]).to(a.device)
     sft(teacher, proc, teacher_batch(), p["teacher_steps"], p["teacher_batch"], p["sft_lr"], a.device, "teacher", TEACHER_SEED)
-    save_stage(path, teacher, proc, config, {})
+    save_stage(path, teacher, proc, config)
     return teacher
 
 
@@ -448,14 +448,14 @@ def student_stage(a: Args, p: dict, proc, root: str):
     path = os.path.join(root, "student_init")
     config = {"size": p["student"], "steps": p["warm_steps"], "n_warm": p["n_warm"], "lr": p["sft_lr"]}
     cached = load_stage(path, config)
-    if cached:
-        return cached[0].to(a.device)
+    if cached is not None:
+        return cached.to(a.device)
     print(f"stage 2: student warm-up SFT on {p['n_warm']} MRI questions ({p['warm_steps']} steps)")
     torch.manual_seed(a.seed + 1)
     student = build_vlm(proc.tokenizer, *p["student"]).to(a.device)
     warm = make_split(a.seed, "warm", TRAIN_MODALITY, p["n_warm"])
     sft(student, proc, warmup_batch(warm), p["warm_steps"], p["sft_batch"], p["sft_lr"], a.device, "student", a.seed)
-    save_stage(path, student, proc, config, {})
+    save_stage(path, student, proc, config)
     return student
 
 
@@ -655,8 +655,9 @@ def main(a: Args) -> dict:
     runs = list(VARIANTS) if a.grid else METHOD_ORDER if a.compare else [None]
     runs = [variant_args(a, r) if r else a for r in runs]
     rows = dict(before["rows"])
-    if a.jobs > 1:  # independent RL runs as parallel processes (one GPU, many CPU cores)
+    if a.jobs > 1:  # independent RL runs as parallel processes (one GPU, many CPU cores), then read back
         launch_parallel(a, runs)
+        runs = [replace(r, resume=True) for r in runs]
     for r in runs:
         rows[run_name(r)] = run_method(r, p, proc, teacher, root, before)
     print(f"\ngreedy accuracy on {p['n_test']} held-out questions per modality (* = in-distribution):")
