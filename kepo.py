@@ -45,10 +45,12 @@ and student share the tokenizer and image processor (token-level divergence need
 vocabulary, as in GKD).
 
 Adapting a new model family: everything here takes `PromptBatch.vision`, the keyword
-arguments the model's forward takes besides input_ids/attention_mask. `index_vision` is the
-only code that knows their layout: batch-first tensors (LLaVA, SmolVLM, PaliGemma:
-pixel_values [B, 3, H, W]) are indexed on dim 0; Qwen2-VL style flattened patches are
-regrouped with `image_grid_thw`. A family with another layout needs a branch there.
+arguments the model's forward takes besides input_ids/attention_mask. Two places know their
+layout: `index_vision` (batch-first tensors such as LLaVA's pixel_values [B, 3, H, W] are
+indexed on dim 0; Qwen2-VL's flattened patches are regrouped with `image_grid_thw`) and
+`TOKEN_ALIGNED` (kwargs shaped like input_ids, e.g. Qwen2-VL's mm_token_type_ids, which the
+scoring forward extends over the completion). Tested on LLaVA and Qwen2-VL; a family with
+another layout needs a branch in one of those two places.
 """
 import re
 import time
@@ -86,6 +88,9 @@ class KEPOConfig:
 # ---------------------------------------------------------------------------------------
 # 1. Generation (SPEC 3.1): G samples per prompt from the current student
 # ---------------------------------------------------------------------------------------
+TOKEN_ALIGNED = ("mm_token_type_ids",)  # vision kwargs laid out like input_ids [B, P] (Qwen2-VL's image-token map)
+
+
 def index_vision(vision: dict, index: torch.Tensor) -> dict:
     """Vision inputs of prompts `index` [M] (repeats allowed), as the model's forward takes them.
 
@@ -129,16 +134,15 @@ class Rollouts:
 
 
 def suppressed_ids(tokenizer, model) -> list[int]:
-    """Token ids a policy must never sample: pad, BOS, UNK and the image placeholder.
+    """Token ids a policy must never sample: pad, BOS, UNK and the vision placeholders.
 
     A sampled image token breaks the next forward with pixel_values; the same ids are masked
     when scoring so that sampling and scoring use one distribution. EOS is never suppressed
     (some tokenizers use it as pad).
     """
-    image_id = getattr(model.config, "image_token_id", None)
-    if image_id is None:
-        image_id = getattr(model.config, "image_token_index", None)
-    ids = {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id, image_id}
+    names = ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    ids = {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id}
+    ids |= {getattr(model.config, name, None) for name in names}
     return sorted(ids - {None, tokenizer.eos_token_id})
 
 
@@ -176,13 +180,16 @@ def completion_logits(model, rollouts: Rollouts, suppress: list[int] = ()) -> to
     """[N, T, V] logits that predict each completion token (position t predicts token t).
 
     One forward over prompt + completion; `logits_to_keep` drops the prompt's logits.
-    Suppressed ids get a large negative logit, not -inf: a full-vocabulary KL multiplies
-    p * (log p - log q), and 0 * (-inf + inf) is NaN.
+    Token-aligned vision kwargs are extended with zeros (text) over the completion, as
+    `generate` does. Suppressed ids get a large negative logit, not -inf: a full-vocabulary
+    KL multiplies p * (log p - log q), and 0 * (-inf + inf) is NaN.
     """
     p, t = rollouts.prompts.input_ids, rollouts.completion_ids
+    vision = {k: torch.cat([v, v.new_zeros(len(v), t.shape[1])], 1) if k in TOKEN_ALIGNED else v
+              for k, v in rollouts.prompts.vision.items()}
     out = model(input_ids=torch.cat([p, t], 1),
                 attention_mask=torch.cat([rollouts.prompts.attention_mask, rollouts.completion_mask], 1),
-                **rollouts.prompts.vision, logits_to_keep=t.shape[1] + 1, use_cache=False)
+                **vision, logits_to_keep=t.shape[1] + 1, use_cache=False)
     logits = out.logits[:, :-1]
     if suppress:
         logits = logits.index_fill(-1, torch.tensor(list(suppress), device=logits.device), -1e9)

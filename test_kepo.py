@@ -369,6 +369,61 @@ def test_step_rejects_missing_teacher_or_unknown_method(tokenizer):
             kepo.kepo_step(student, opt, tokenizer, prompts, ["A", "B"], cfg, method=method)
 
 
+def tiny_qwen2_vl(seed=0):
+    """A Qwen2-VL (flattened patches + image_grid_thw + mm_token_type_ids) and inputs built by hand."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    from PIL import Image
+    special = ["<pad>", "<bos>", "<eos>", "<unk>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
+    vocab = {w: i for i, w in enumerate(special + WORDS + TAGS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                  unk_token="<unk>", padding_side="left")
+    image_id = vocab["<|image_pad|>"]
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2)
+    vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(
+        text_config=text, vision_config=vision, image_token_id=image_id, video_token_id=3,
+        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"]))
+    images = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56)(
+        [Image.new("RGB", (56, 56), (i * 90, 30, 30)) for i in range(2)], return_tensors="pt")
+    n_image = (images["image_grid_thw"].prod(-1) // 4).tolist()  # 2x2 patches merge into one token
+    texts = [f"<|vision_start|> {' '.join(['<|image_pad|>'] * n)} <|vision_end|> {q}"
+             for n, q in zip(n_image, ["what finding is shown options a b", "what is shown"])]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    vis = {"pixel_values": images["pixel_values"], "image_grid_thw": images["image_grid_thw"],
+           "mm_token_type_ids": (enc.input_ids == image_id).long()}
+    return model, tok, kepo.PromptBatch(enc.input_ids, enc.attention_mask, vis)
+
+
+def test_qwen2_vl_flattened_patches_score_and_train():
+    model, tok, prompts = tiny_qwen2_vl()
+    assert prompts.vision["pixel_values"].shape[0] != len(prompts.input_ids)  # not batch-first
+    rows = prompts.select([0, 0, 1, 1])
+    torch.manual_seed(0)
+    out = model.generate(input_ids=rows.input_ids, attention_mask=rows.attention_mask, **rows.vision,
+                         do_sample=True, top_k=0, max_new_tokens=4, min_new_tokens=4, pad_token_id=0, eos_token_id=2,
+                         suppress_tokens=kepo.suppressed_ids(tok, model), output_logits=True,
+                         return_dict_in_generate=True)
+    ids = out.sequences[:, rows.input_ids.shape[1]:]
+    r = kepo.Rollouts(rows, ids, torch.ones_like(ids, dtype=torch.int), [""] * 4)
+    assert torch.allclose(kepo.completion_logits(model, r), torch.stack(out.logits, 1), atol=1e-5)
+    teacher, _, _ = tiny_qwen2_vl(seed=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = kepo.KEPOConfig(group_size=2, max_new_tokens=4, max_hint_tokens=4, max_attempts=1, tau=0.0,
+                          hint_mode="always")
+    hints = kepo.HintPrompts(request=prompts.select, hinted=lambda idx, h: prompts.select(idx))
+    m = kepo.kepo_step(model, torch.optim.SGD(model.parameters(), lr=0.5), tok, prompts, ["A", "B"], cfg,
+                       method="kepo", teacher=teacher, hint_prompts=hints)
+    assert math.isfinite(m["loss"]) and m["gate_frac"] == 1.0 and m["hint_groups"] == 2
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 class Scripted(torch.nn.Module):
     """A stand-in policy whose generate writes a fixed text after every prompt."""
 
