@@ -40,7 +40,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFilter
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-from transformers import (AutoModelForImageTextToText, AutoProcessor, LlavaConfig, LlavaForConditionalGeneration,
+from transformers import (AutoModelForImageTextToText, LlavaConfig, LlavaForConditionalGeneration,
                           LlavaProcessor, PreTrainedTokenizerFast, Qwen2Config, SiglipImageProcessor,
                           SiglipVisionConfig)
 from transformers.utils import logging as hf_logging
@@ -590,13 +590,13 @@ def run_method(a: Args, p: dict, proc, teacher, root: str, before: dict) -> dict
                           tau=a.tau, hint_mode=a.hint_mode)
     print(f"stage 3: RL ({run_name(a)}) on {p['n_train']} MRI questions, {p['steps']} steps x "
           f"{p['batch_prompts']} prompts x G={a.group_size}")
-    start = time.time()
-    student, run_dir = rl(a, p, proc, teacher, root, cfg, splits(a, p)["curve"])
+    start, s = time.time(), splits(a, p)
+    student, run_dir = rl(a, p, proc, teacher, root, cfg, s["curve"])
     rl_time, start = time.time() - start, time.time()
-    res = summarize(splits(a, p)["test"], correctness(student, proc, splits(a, p)["test"], a.device))
-    cliff_set, was_cliff = splits(a, p)["cliff"], before["cliff_mask"]
-    still = cliff_mask(student, proc, cliff_set, a.group_size, a.device)
-    res["cliff_solved"] = sum(w and not s for w, s in zip(was_cliff, still)) / max(sum(was_cliff), 1)
+    res = summarize(s["test"], correctness(student, proc, s["test"], a.device))
+    still = cliff_mask(student, proc, s["cliff"], a.group_size, a.device)
+    was = before["cliff_mask"]
+    res["cliff_solved"] = sum(w and not n for w, n in zip(was, still)) / max(sum(was), 1)
     res.update(method=a.method, run=run_name(a), seed=a.seed, preset=a.preset, settings=settings, rl_seconds=rl_time,
                eval_seconds=time.time() - start, phases=phase_times(run_dir), kepo_config=asdict(cfg))
     with open(results_path, "w") as f:
@@ -676,9 +676,9 @@ def launch_parallel(a: Args, runs: list[Args]):
     while pending or active:
         while pending and len(active) < a.jobs:
             r = pending.pop(0)
-            flags = ["--preset", r.preset, "--seed", str(r.seed), "--method", r.method, "--tau", str(r.tau),
-                     "--hint-mode", r.hint_mode, "--out", r.out, "--device", r.device, "--resume"]
-            flags += [f"--{k.replace('_', '-')}={getattr(r, k)}" for k in ("steps", "batch_prompts", "lr") if getattr(r, k)]
+            one_run = replace(r, compare=False, grid=False, report=False, jobs=1, resume=True)
+            flags = [f"--{f.name.replace('_', '-')}" + ("" if f.type is bool else f"={getattr(one_run, f.name)}")
+                     for f in fields(Args) if f.type is not bool or getattr(one_run, f.name)]
             log = open(os.path.join(r.out, f"{r.preset}-seed{r.seed}", f"{run_name(r)}.log"), "w")
             active.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *flags], stdout=log,
                                            stderr=subprocess.STDOUT))
