@@ -256,10 +256,20 @@ def tiny_vlm(tok, hidden=32, seed=0):
     return LlavaForConditionalGeneration(cfg)
 
 
-def prompt_batch(tok, texts, seed=0):
+def prompt_batch(tok, texts, seed=0, device="cpu"):
     enc = tok(["<image> " * N_IMG + t for t in texts], return_tensors="pt", padding=True)
     pv = torch.randn(len(texts), 3, 16, 16, generator=torch.Generator().manual_seed(seed))
-    return kepo.PromptBatch(enc.input_ids, enc.attention_mask, {"pixel_values": pv})
+    return on(kepo.PromptBatch(enc.input_ids, enc.attention_mask, {"pixel_values": pv}), device)
+
+
+def on(batch: kepo.PromptBatch, device) -> kepo.PromptBatch:
+    return kepo.PromptBatch(batch.input_ids.to(device), batch.attention_mask.to(device),
+                            {k: v.to(device) for k, v in batch.vision.items()})
+
+
+# the GPU cases run where CUDA is present (they were run on an H200, see README) and are skipped elsewhere
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+ATOL = {"cpu": 1e-5, "cuda": 1e-4}  # cuDNN may pick TF32 convolutions for the patch embedding
 
 
 def test_generation_shapes_masks_and_logps(tokenizer):
@@ -286,9 +296,10 @@ def test_generation_shapes_masks_and_logps(tokenizer):
     assert torch.allclose(logps, expected, atol=1e-5)
 
 
-def test_scoring_reproduces_generate_logits_with_left_padding(tokenizer):
-    model = tiny_vlm(tokenizer)
-    prompts = prompt_batch(tokenizer, ["what finding is shown options a b c d look at", "what is shown"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_scoring_reproduces_generate_logits_with_left_padding(tokenizer, device):
+    model = tiny_vlm(tokenizer).to(device)
+    prompts = prompt_batch(tokenizer, ["what finding is shown options a b c d look at", "what is shown"], device=device)
     assert (prompts.attention_mask == 0).any()  # one prompt is left-padded
     rows = prompts.select([0, 0, 1, 1])
     torch.manual_seed(0)
@@ -299,7 +310,7 @@ def test_scoring_reproduces_generate_logits_with_left_padding(tokenizer):
                          return_dict_in_generate=True)
     ids = out.sequences[:, rows.input_ids.shape[1]:]
     r = kepo.Rollouts(rows, ids, torch.ones_like(ids, dtype=torch.int), [""] * 4)
-    assert torch.allclose(kepo.completion_logits(model, r), torch.stack(out.logits, 1), atol=1e-5)
+    assert torch.allclose(kepo.completion_logits(model, r), torch.stack(out.logits, 1), atol=ATOL[device])
 
 
 def test_greedy_generation_is_deterministic(tokenizer):
@@ -310,24 +321,26 @@ def test_greedy_generation_is_deterministic(tokenizer):
     assert torch.equal(a.completion_ids, b.completion_ids) and a.texts[0] == a.texts[1]
 
 
-def step_setup(tokenizer, **cfg):
-    student, teacher = tiny_vlm(tokenizer, 32, seed=0), tiny_vlm(tokenizer, 48, seed=1)
-    prompts = prompt_batch(tokenizer, ["what finding is shown options a b", "what is shown options a b"])
+def step_setup(tokenizer, device="cpu", **cfg):
+    student, teacher = tiny_vlm(tokenizer, 32, seed=0).to(device), tiny_vlm(tokenizer, 48, seed=1).to(device)
+    prompts = prompt_batch(tokenizer, ["what finding is shown options a b", "what is shown options a b"],
+                           device=device)
     config = kepo.KEPOConfig(**{"group_size": 4, "max_new_tokens": 6, "max_hint_tokens": 6, "max_attempts": 2,
                                 **cfg})
     hint_prompts = kepo.HintPrompts(
         request=lambda idx: prompts.select(idx),
-        hinted=lambda idx, hints: prompt_batch(tokenizer, [f"hint {h} what is shown" for h in hints]))
+        hinted=lambda idx, hints: prompt_batch(tokenizer, [f"hint {h} what is shown" for h in hints], device=device))
     return student, teacher, prompts, config, hint_prompts
 
 
-def test_kepo_step_runs_and_changes_weights(tokenizer):
-    student, teacher, prompts, cfg, hints = step_setup(tokenizer, tau=0.0, hint_mode="always")
+@pytest.mark.parametrize("device", DEVICES)
+def test_kepo_step_runs_and_changes_weights(tokenizer, device):
+    student, teacher, prompts, cfg, hints = step_setup(tokenizer, device, tau=0.0, hint_mode="always")
     before = [p.detach().clone() for p in student.parameters()]
     opt = torch.optim.AdamW(student.parameters(), lr=1e-2, weight_decay=0.0)
     torch.manual_seed(0)
     m = kepo.kepo_step(student, opt, tokenizer, prompts, ["A", "B"], cfg, method="kepo", teacher=teacher,
-                       ref_model=tiny_vlm(tokenizer), hint_prompts=hints)
+                       ref_model=tiny_vlm(tokenizer).to(device), hint_prompts=hints)
     assert math.isfinite(m["loss"]) and m["distill_loss"] > 0 and m["gate_frac"] == 1.0
     assert m["hint_groups"] == 2 and 0 <= m["hint_accept_rate"] <= 1 and m["kl"] >= 0
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
@@ -369,7 +382,7 @@ def test_step_rejects_missing_teacher_or_unknown_method(tokenizer):
             kepo.kepo_step(student, opt, tokenizer, prompts, ["A", "B"], cfg, method=method)
 
 
-def tiny_qwen2_vl(seed=0):
+def tiny_qwen2_vl(seed=0, device="cpu"):
     """A Qwen2-VL (flattened patches + image_grid_thw + mm_token_type_ids) and inputs built by hand."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
     from PIL import Image
@@ -398,11 +411,12 @@ def tiny_qwen2_vl(seed=0):
     enc = tok(texts, return_tensors="pt", padding=True)
     vis = {"pixel_values": images["pixel_values"], "image_grid_thw": images["image_grid_thw"],
            "mm_token_type_ids": (enc.input_ids == image_id).long()}
-    return model, tok, kepo.PromptBatch(enc.input_ids, enc.attention_mask, vis)
+    return model.to(device), tok, on(kepo.PromptBatch(enc.input_ids, enc.attention_mask, vis), device)
 
 
-def test_qwen2_vl_flattened_patches_score_and_train():
-    model, tok, prompts = tiny_qwen2_vl()
+@pytest.mark.parametrize("device", DEVICES)
+def test_qwen2_vl_flattened_patches_score_and_train(device):
+    model, tok, prompts = tiny_qwen2_vl(device=device)
     assert prompts.vision["pixel_values"].shape[0] != len(prompts.input_ids)  # not batch-first
     rows = prompts.select([0, 0, 1, 1])
     torch.manual_seed(0)
@@ -412,8 +426,8 @@ def test_qwen2_vl_flattened_patches_score_and_train():
                          return_dict_in_generate=True)
     ids = out.sequences[:, rows.input_ids.shape[1]:]
     r = kepo.Rollouts(rows, ids, torch.ones_like(ids, dtype=torch.int), [""] * 4)
-    assert torch.allclose(kepo.completion_logits(model, r), torch.stack(out.logits, 1), atol=1e-5)
-    teacher, _, _ = tiny_qwen2_vl(seed=1)
+    assert torch.allclose(kepo.completion_logits(model, r), torch.stack(out.logits, 1), atol=ATOL[device])
+    teacher, _, _ = tiny_qwen2_vl(seed=1, device=device)
     before = [p.detach().clone() for p in model.parameters()]
     cfg = kepo.KEPOConfig(group_size=2, max_new_tokens=4, max_hint_tokens=4, max_attempts=1, tau=0.0,
                           hint_mode="always")
