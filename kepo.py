@@ -49,8 +49,16 @@ arguments the model's forward takes besides input_ids/attention_mask. Two places
 layout: `index_vision` (batch-first tensors such as LLaVA's pixel_values [B, 3, H, W] are
 indexed on dim 0; Qwen2-VL's flattened patches are regrouped with `image_grid_thw`) and
 `TOKEN_ALIGNED` (kwargs shaped like input_ids, e.g. Qwen2-VL's mm_token_type_ids, which the
-scoring forward extends over the completion). Tested on LLaVA and Qwen2-VL; a family with
-another layout needs a branch in one of those two places.
+scoring forward extends over the completion). Tested on LLaVA, Qwen2-VL and PaddleOCR-VL
+(the last through train_small.py's --student/--teacher); a family with another layout
+needs a branch in one of those two places. Checklist for a new family: build a PromptBatch
+from its processor's output (everything but input_ids/attention_mask goes in `vision`),
+check that `suppressed_ids` covers its image placeholder ids, and check that
+`completion_logits` reproduces `generate`'s logits (test_kepo.py shows how).
+
+Multi-GPU (DDP): each rank calls kepo_step on its own prompts with the student wrapped in
+DistributedDataParallel; the distillation term is normalised by the gated tokens of all
+ranks, so the update equals one process's on the global batch (tested with torchrun).
 """
 import re
 import time
@@ -318,20 +326,39 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def data_parallel_sum(x: torch.Tensor) -> torch.Tensor:
+    """x summed over the data-parallel ranks (x itself in a single process)."""
+    if world_size() > 1:
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+    return x
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher, rollouts: Rollouts, gate: torch.Tensor,
                       cfg: KEPOConfig, suppress: list[int] = ()) -> torch.Tensor:
     """[] gated JSD: the teacher (no grad) scores only the gated rows of the student's rollouts.
 
     student_logits: [N, T, V] from completion_logits; gate: [N] bool. An empty gate is an
-    exact, differentiable 0 and costs no teacher forward.
+    exact, differentiable 0 and costs no teacher forward. Under torch.distributed the JSD is
+    a token mean over the gated tokens of all ranks (rows are this rank's shard).
     """
     rows = gate.nonzero().squeeze(1)
+    tokens = rollouts.completion_mask[rows].sum().float()
+    all_tokens = data_parallel_sum(tokens)  # a collective: every rank calls it, gated rows or not
     if rows.numel() == 0:
         return student_logits.sum() * 0.0
     with torch.no_grad():
         teacher_logits = completion_logits(teacher, rollouts.select(rows), suppress)
-    return generalized_jsd(student_logits[rows], teacher_logits, rollouts.completion_mask[rows],
-                           cfg.beta_jsd, cfg.jsd_temperature)
+    jsd = generalized_jsd(student_logits[rows], teacher_logits, rollouts.completion_mask[rows],
+                          cfg.beta_jsd, cfg.jsd_temperature)
+    world = world_size()
+    # DDP averages gradients over ranks; rescaling each rank's token mean by its share of the
+    # gated tokens makes that average the token mean over the global batch
+    return jsd * tokens * world / all_tokens if world > 1 else jsd
 
 
 # ---------------------------------------------------------------------------------------
@@ -484,12 +511,16 @@ def kepo_step(student, optimizer, tokenizer, prompts: PromptBatch, answers: list
 
     Sample G rollouts per prompt, score them, (kepo) enhance cliff groups with hints,
     compute advantages, policy loss + distill_coef * gated JSD, one clipped optimizer step.
+    Multi-GPU: wrap the student in DistributedDataParallel and give every rank its own B
+    prompts (the same B on each). Sampling uses the bare module; the loss goes through the
+    wrapper, so the update equals a single process's on the whole global batch.
     """
     if method not in METHODS or (method != "grpo" and teacher is None) or (method == "kepo" and hint_prompts is None):
         raise ValueError(f"method must be one of {METHODS}; opd/kdpo/kepo need a teacher, kepo needs hint_prompts")
-    dev, g, suppress = prompts.input_ids.device, cfg.group_size, suppressed_ids(tokenizer, student)
+    policy = student.module if isinstance(student, torch.nn.parallel.DistributedDataParallel) else student
+    dev, g, suppress = prompts.input_ids.device, cfg.group_size, suppressed_ids(tokenizer, policy)
     t0 = _clock(dev)
-    rollouts = generate_rollouts(student, tokenizer, prompts, g, temperature=cfg.temperature, top_p=cfg.top_p,
+    rollouts = generate_rollouts(policy, tokenizer, prompts, g, temperature=cfg.temperature, top_p=cfg.top_p,
                                  max_new_tokens=cfg.max_new_tokens, suppress=suppress)
     row_answers = [a for a in answers for _ in range(g)]
     acc, fmt = accuracy_reward(rollouts.texts, row_answers), format_reward(rollouts.texts)
@@ -500,7 +531,7 @@ def kepo_step(student, optimizer, tokenizer, prompts: PromptBatch, answers: list
     if method == "kepo":
         groups = cliff if cfg.hint_mode == "adaptive" else list(range(len(answers)))
         if groups:
-            rollouts, stats = knowledge_enhance(student, teacher, tokenizer, rollouts, acc + fmt, answers,
+            rollouts, stats = knowledge_enhance(policy, teacher, tokenizer, rollouts, acc + fmt, answers,
                                                 groups, hint_prompts, cfg, suppress)
             metrics.update(stats)
     rewards = kepo_reward(rollouts.texts, row_answers).to(dev)

@@ -234,6 +234,10 @@ N_IMG = 4  # image tokens per prompt: a 16x16 image in 8x8 patches
 
 @pytest.fixture(scope="module")
 def tokenizer():
+    return make_tokenizer()
+
+
+def make_tokenizer():
     vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", "<image>"] + WORDS)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.normalizer = normalizers.Lowercase()
@@ -606,3 +610,194 @@ def test_compare_runs_every_method_from_one_student(smoke, tmp_path):
         assert (out / "smoke-seed1" / f"rl-{name}.log").exists()  # each ran in its own process
     assert "stage 3" not in proc.stdout  # the parent only read their results back
 
+
+
+# --------------------------------------------------------------------------- scaling up (issue 5)
+DDP_WORKER = """
+import sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import kepo
+import test_kepo as t
+
+tok = t.make_tokenizer()
+cfg = kepo.KEPOConfig(group_size=2, tau=1.0)
+teacher = t.tiny_vlm(tok, 48, seed=1)
+prompts = t.prompt_batch(tok, ["what finding is shown options a b", "what is shown", "look at lesion", "a b c d"])
+ids = torch.randint(5, len(tok), (8, 5), generator=torch.Generator().manual_seed(0))
+mask = (torch.arange(5) < torch.tensor([5, 3, 4, 2, 5, 1, 3, 4])[:, None]).int()
+rollouts = kepo.Rollouts(prompts.select([0, 0, 1, 1, 2, 2, 3, 3]), ids, mask, [""] * 8)
+# tau=1 gates rows 0, 2, 3 (11 tokens) on rank 0 and rows 6, 7 (7 tokens) on rank 1
+rewards = torch.tensor([2.0, 0.0, 1.0, 2.0, 0.0, 0.0, 2.0, 1.0])
+
+
+def grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+single = t.tiny_vlm(tok, 32, seed=0)  # one process, the whole batch (before the group exists)
+loss, _ = kepo.kepo_loss(single, teacher, rollouts, rewards, "kdpo", cfg)
+loss.backward()
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+student = t.tiny_vlm(tok, 32, seed=0)
+ddp = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True)
+rows = list(range(4 * rank, 4 * rank + 4))
+shard_loss, _ = kepo.kepo_loss(ddp, teacher, rollouts.select(rows), rewards[rows], "kdpo", cfg)
+shard_loss.backward()
+mean = shard_loss.detach().clone()
+dist.all_reduce(mean)
+mean /= dist.get_world_size()
+print(f"rank {rank}: single {loss.item():.8f} ddp {mean.item():.8f} "
+      f"max grad diff {(grads(student) - grads(single)).abs().max().item():.2e}")
+assert torch.allclose(mean, loss, atol=1e-6), (mean, loss)
+assert torch.allclose(grads(student), grads(single), atol=1e-6)
+dist.destroy_process_group()
+"""
+
+
+def torchrun(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args],
+                          capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_ddp_loss_and_gradients_equal_one_process_on_the_same_global_batch(tmp_path):
+    # fixed rollouts: sampled ones differ across world sizes (each rank draws its own stream)
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER)
+    proc = torchrun(str(worker), HERE)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("max grad diff") == 2
+
+
+def test_torchrun_smoke_trains_on_two_processes_and_rank0_writes(smoke, tmp_path):
+    shutil.copytree(smoke[0], tmp_path, dirs_exist_ok=True)
+    shutil.rmtree(tmp_path / "smoke-seed1" / "rl-kepo")
+    proc = torchrun(os.path.join(HERE, "train_small.py"), "--preset", "smoke", "--out", str(tmp_path),
+                    "--device", "cpu", "--steps", "2", "--ckpt-every", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("greedy accuracy on") == 1  # only rank 0 prints
+    run = tmp_path / "smoke-seed1" / "rl-kepo"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2] and all(math.isfinite(m["loss"]) for m in lines)
+    state = torch.load(run / "ckpt" / "trainer.pt", weights_only=True)
+    assert len(state["rng"]) == 2  # both ranks' sampling states, so --resume continues both streams
+    with pytest.raises(RuntimeError, match="written by 2 processes"):
+        ts.load_checkpoint(str(run), lambda m: torch.optim.AdamW(m.parameters()), "cpu")
+
+
+def save_tiny_paddleocr_vl(path, hidden: int, seed: int):
+    """A second VLM family with Qwen2-VL-style inputs (flattened patches, image_grid_thw), saved with its processor."""
+    tr = pytest.importorskip("transformers")
+    if not hasattr(tr, "PaddleOCRVLImageProcessorPil"):
+        pytest.skip("this transformers has no PIL image processor for PaddleOCR-VL")
+    specials = ["<|IMAGE_START|>", "<|IMAGE_PLACEHOLDER|>", "<|IMAGE_END|>", "<|video_pad|>"]
+    toy = ts.build_processor().tokenizer.get_vocab()
+    words = [w for w in sorted(toy, key=toy.get) if w not in ts.TAGS]
+    vocab = {w: i for i, w in enumerate(words + specials)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                  unk_token="<unk>", padding_side="left",
+                                  extra_special_tokens={"image_token": "<|IMAGE_PLACEHOLDER|>"})
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    tok.add_tokens(ts.TAGS)
+    template = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                "<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|> {% else %}{{ c['text'] }}{% endif %}"
+                "{% endfor %}{% endfor %}")
+    proc = tr.PaddleOCRVLProcessor(image_processor=tr.PaddleOCRVLImageProcessorPil(
+        size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56}), tokenizer=tok, chat_template=template)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    config = tr.PaddleOCRVLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                         max_position_embeddings=256, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           patch_size=14, image_size=56),
+        image_token_id=ids["<|IMAGE_PLACEHOLDER|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|IMAGE_START|>"], vision_end_token_id=ids["<|IMAGE_END|>"],
+        tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    tr.PaddleOCRVLForConditionalGeneration(config).save_pretrained(path)
+    proc.save_pretrained(path)
+
+
+def test_second_family_trains_through_student_and_teacher_flags(tmp_path):
+    save_tiny_paddleocr_vl(tmp_path / "student", 32, seed=0)
+    save_tiny_paddleocr_vl(tmp_path / "teacher", 64, seed=1)
+    proc = run_script("--preset", "smoke", "--out", str(tmp_path / "runs"), "--device", "cpu", "--steps", "2",
+                      "--student", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
+                      "--max-new-tokens", "6")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stage 1" not in proc.stdout and "rl-kepo" in proc.stdout
+    run = tmp_path / "runs" / "smoke-student-seed1" / "rl-kepo"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and lines[0]["hint_groups"] > 0 and all(math.isfinite(m["loss"]) for m in lines)
+    assert json.loads((run / "results.json").read_text())["kepo_config"]["max_new_tokens"] == 6
+
+
+def test_pretrained_flags_check_their_inputs(tmp_path):
+    a = ts.Args(student=str(tmp_path / "nowhere"), teacher=str(tmp_path / "nowhere"), device="cpu")
+    with pytest.raises(RuntimeError, match=f"--student {tmp_path / 'nowhere'}: cannot load"):
+        ts.pretrained_stages(a)
+    with pytest.raises(ValueError, match="go together"):
+        ts.pretrained_stages(ts.Args(student=str(tmp_path)))
+
+
+def write_jsonl(folder, per_modality=12):
+    """Toy questions as image files and OmniMedVQA-style records (upper-case answer letters)."""
+    lines = []
+    for m in ("mri", "ct", "xray"):
+        for i, e in enumerate(ts.make_split(5, "jsonl", m, per_modality)):
+            name = f"{m}_{i}.png"
+            ts.draw(e.case).save(folder / name)
+            lines.append(json.dumps({"image": name, "question": e.question, "options": list(e.options),
+                                     "answer": e.answer.upper(), "modality": m, "qtype": e.qtype}))
+    path = folder / "omni.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path, lines
+
+
+def test_jsonl_data_trains_and_evaluates_every_modality(tmp_path):
+    path, _ = write_jsonl(tmp_path)
+    proc = run_script("--preset", "smoke", "--out", str(tmp_path / "runs"), "--device", "cpu", "--steps", "2",
+                      "--data", str(path), "--train-modality", "ct")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header = next(line for line in proc.stdout.splitlines() if "ct*" in line)
+    assert "mri" in header and "xray" in header and "fundus" not in header
+    res = json.loads((tmp_path / "runs" / "smoke-omni-seed1" / "rl-kepo" / "results.json").read_text())
+    assert set(ts.MODALITIES) & set(res) == {"ct", "mri", "xray"}
+    stage = json.loads((tmp_path / "runs" / "smoke-omni-teacher" / "stage.json").read_text())
+    assert len(stage["config"]["data"]) == 12  # the teacher is tied to this file's content
+
+
+@pytest.mark.parametrize("line,edit,message", [
+    (2, lambda r: r.pop("options"), "missing fields \\['options'\\]"),
+    (3, lambda r: r.update(answer="E"), "answer 'E' is not one of the letters"),
+    (5, lambda r: r.update(image="gone.png"), "gone.png cannot be read"),
+    (4, lambda r: r.update(options=["only one"]), "options must be"),
+    (6, None, "invalid JSON"),
+])
+def test_bad_jsonl_record_names_file_and_line(tmp_path, line, edit, message):
+    path, lines = write_jsonl(tmp_path, per_modality=2)
+    if edit is None:
+        lines[line - 1] = "{not json"
+    else:
+        record = json.loads(lines[line - 1])
+        edit(record)
+        lines[line - 1] = json.dumps(record)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=f"{path}:{line}: .*{message}"):
+        ts.load_jsonl(str(path))
+
+
+def test_bad_jsonl_stops_the_cli_before_training(tmp_path):
+    path, lines = write_jsonl(tmp_path, per_modality=2)
+    path.write_text("\n".join(lines[:2] + ["{}"] + lines[3:]) + "\n")
+    proc = run_script("--preset", "smoke", "--out", str(tmp_path / "runs"), "--device", "cpu", "--data", str(path))
+    assert proc.returncode != 0 and f"{path}:3: missing fields" in proc.stderr
+    assert not (tmp_path / "runs" / "smoke-omni-teacher").exists()

@@ -4,6 +4,8 @@
     python train_small.py --preset smoke      # the whole pipeline on CPU in well under a minute
     python train_small.py --compare           # grpo, opd, kdpo, kepo from the same student and seed
     python train_small.py --grid              # every method and ablation for 3 seeds, then a report
+    python train_small.py --data omni.jsonl --student ckpt/student --teacher ckpt/teacher   # beyond the toy
+    torchrun --nproc_per_node 4 train_small.py ...                  # one process per GPU (DDP)
 
 A miniature of the paper's protocol (SPEC.md sections 6-7), nothing downloaded:
   data     procedurally drawn 48x48 images in 8 synthetic "modalities" that share anatomy and
@@ -23,24 +25,33 @@ A miniature of the paper's protocol (SPEC.md sections 6-7), nothing downloaded:
            --method; 4. greedy evaluation on held-out questions of all 8 modalities.
 Simplified on purpose: tiny models and a toy task, so that a run takes minutes; the RL
 step itself is kepo.kepo_step, unchanged from what a real trainer would call.
+Beyond the toy: --data reads OmniMedVQA-style JSONL (checked before anything trains),
+--student/--teacher replace stages 1-2 by local checkpoints of any family the Auto classes
+load, and torchrun shards each step's prompts over processes that hold a DDP student.
 """
 import argparse
+import datetime
 import functools
 import glob
+import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import string
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
 # transformers warns at import about optional backends (torchvision) that the toy does not need
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 from PIL import Image, ImageDraw, ImageFilter
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-from transformers import (AutoModelForImageTextToText, LlavaConfig, LlavaForConditionalGeneration,
+from transformers import (AutoModelForImageTextToText, AutoProcessor, LlavaConfig, LlavaForConditionalGeneration,
                           LlavaProcessor, PreTrainedTokenizerFast, Qwen2Config, SiglipImageProcessor,
                           SiglipVisionConfig)
 from transformers.utils import logging as hf_logging
@@ -73,6 +84,11 @@ class Args:
     seeds: str = arg("1,2,3", "seeds of --grid, comma-separated")
     jobs: int = arg(1, "RL runs in parallel processes (a GPU box with many cores); 1 runs them in turn")
     report: bool = arg(False, "aggregate the results under --out: mean ± std tables and curves (needs matplotlib)")
+    student: str = arg("", "local HF VLM checkpoint (model + processor) to train instead of the toy student")
+    teacher: str = arg("", "local HF VLM checkpoint of the teacher, same tokenizer as --student (pass both)")
+    data: str = arg("", "OmniMedVQA-style JSONL: image, question, options, answer, modality, qtype (default: toy)")
+    train_modality: str = arg("mri", "the modality RL trains on; evaluation covers every modality")
+    max_new_tokens: int = arg(12, "cap on completion and hint tokens (the toy's longest answer is 9)")
 
 
 PRESETS = {  # sizes and budgets; the RL hyperparameters are shared by every method. cpu = default with 4x fewer prompts
@@ -87,14 +103,12 @@ PRESETS = {  # sizes and budgets; the RL hyperparameters are shared by every met
                   ckpt_every=2, log_every=2, student=(32, 1), teacher=(48, 1)),
 }
 TEACHER_SEED = 0  # the teacher stands for a fixed pretrained model: trained once per preset, shared by all seeds
-MAX_NEW_TOKENS = 12  # the longest target, "<think> modality ultrasound a </think> <answer> a </answer> <eos>", is 9
 
 
 # ---------------------------------------------------------------------------------------
 # Toy medical VQA: cases, images, questions
 # ---------------------------------------------------------------------------------------
 MODALITIES = ["ct", "dermoscopy", "fundus", "mri", "microscopy", "oct", "ultrasound", "xray"]
-TRAIN_MODALITY = "mri"
 ORGANS = ["brain", "lung", "liver", "heart"]
 FINDINGS = ["normal", "tumor", "cyst", "bleed"]
 GRADES = {"small": 3, "medium": 5, "large": 7}  # lesion radius in pixels
@@ -136,13 +150,19 @@ class Case:
 
 @dataclass(frozen=True)
 class Example:
-    """A multiple-choice question about a case; `evidence` is the checkable reasoning."""
-    case: Case
+    """A multiple-choice question about a toy case or an image file; `evidence` is the checkable reasoning."""
+    case: Case | None
     qtype: str
     question: str
     options: tuple
-    answer: str  # letter
+    answer: str  # lower-case letter
     evidence: str  # e.g. "size large": what the think block states and what a hint says
+    image: str = ""  # image file (JSONL data); empty for toy cases, which are drawn
+    modality: str = ""
+
+    def __post_init__(self):
+        if self.case is not None:
+            object.__setattr__(self, "modality", self.case.modality)
 
 
 def draw_field(d: ImageDraw.ImageDraw, style: str, bg: tuple, rng: random.Random):
@@ -237,17 +257,131 @@ def make_split(seed: int, name: str, modality: str, n: int) -> list[Example]:
     return [make_example(rng, modality) for _ in range(n)]
 
 
+def image_of(ex: Example) -> Image.Image:
+    if not ex.image:
+        return draw(ex.case)
+    try:
+        return Image.open(ex.image).convert("RGB")
+    except Exception as e:  # e.g. truncated data behind a valid header
+        raise ValueError(f"image {ex.image} cannot be decoded ({type(e).__name__}: {e})") from e
+
+
+# ---------------------------------------------------------------------------------------
+# Real data instead of the toy (--data): OmniMedVQA-style JSONL, checked before training
+# ---------------------------------------------------------------------------------------
+FIELDS = {"image": str, "question": str, "options": list, "answer": str, "modality": str, "qtype": str}
+
+
+def parse_record(line: str, folder: str) -> Example:
+    """One JSONL line -> Example; ValueError says what is wrong. Image paths are relative to the file."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(rec, dict):
+        raise ValueError("not a JSON object")
+    missing = [k for k in FIELDS if k not in rec]
+    wrong = [k for k, t in FIELDS.items() if k in rec and not (isinstance(rec[k], t) and rec[k])]
+    if missing or wrong:
+        raise ValueError(f"missing fields {missing}" if missing else f"empty or mistyped fields {wrong}")
+    options = rec["options"]
+    if not 2 <= len(options) <= len(string.ascii_lowercase) or not all(isinstance(o, str) and o for o in options):
+        raise ValueError(f"options must be 2-26 non-empty strings, got {options!r}")
+    answer = rec["answer"].strip().lower()
+    if len(answer) != 1 or answer not in string.ascii_lowercase[:len(options)]:
+        raise ValueError(f"answer {rec['answer']!r} is not one of the letters of the {len(options)} options")
+    path = os.path.join(folder, rec["image"])
+    try:  # reads the header only, so that checking a large dataset stays fast
+        with Image.open(path):
+            pass
+    except Exception as e:
+        raise ValueError(f"image {path} cannot be read ({type(e).__name__}: {e})") from e
+    truth = options[string.ascii_lowercase.index(answer)]
+    return Example(None, rec["qtype"], rec["question"], tuple(options), answer, truth, image=path,
+                   modality=rec["modality"])
+
+
+def load_jsonl(path: str) -> list[Example]:
+    """Every record of a JSONL file; the first bad one stops the run with file:line and the reason."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--data {path}: no such file")
+    examples = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                examples.append(parse_record(line, os.path.dirname(os.path.abspath(path))))
+            except ValueError as e:
+                raise ValueError(f"{path}:{number}: {e}") from None
+    if not examples:
+        raise ValueError(f"{path}: no records")
+    return examples
+
+
+@dataclass
+class Data:
+    """The questions of a run: fixed splits of the toy or of a JSONL file."""
+    modalities: list[str]
+    qtypes: list[str]
+    train_modality: str
+    train: list[Example]  # RL prompts, all of the train modality
+    warm: list[Example]  # the student's warm-up SFT set (train modality)
+    test: list[Example]  # held-out questions of every modality
+    curve: list[Example]  # the held-out subset evaluated during RL (the OOD curve)
+    cliff: list[Example]  # train prompts on which the learning cliff is measured
+    pool: list[Example]  # teacher SFT questions, every modality (empty: fresh toy questions)
+    fingerprint: str  # names the data in cached stages
+
+
+def toy_data(a: Args, p: dict) -> Data:
+    if a.train_modality not in MODALITIES:
+        raise ValueError(f"--train-modality {a.train_modality}: the toy has {MODALITIES}")
+    train = make_split(a.seed, "train", a.train_modality, p["n_train"])
+    return Data(MODALITIES, list(QUESTIONS), a.train_modality, train,
+                warm=make_split(a.seed, "warm", a.train_modality, p["n_warm"]),
+                test=[e for m in MODALITIES for e in make_split(a.seed, "test", m, p["n_test"])],
+                curve=[e for m in MODALITIES for e in make_split(a.seed, "curve", m, p["n_eval_curve"])],
+                cliff=train[:p["n_cliff"]], pool=[], fingerprint="toy")
+
+
+def jsonl_data(a: Args, p: dict) -> Data:
+    """Per modality, a seeded shuffle holds out min(n_test, 20%) questions for evaluation; the rest trains."""
+    examples = load_jsonl(a.data)
+    with open(a.data, "rb") as f:
+        fingerprint = hashlib.sha1(f.read()).hexdigest()[:12]
+    by_modality = {}
+    for e in examples:
+        by_modality.setdefault(e.modality, []).append(e)
+    if a.train_modality not in by_modality:
+        raise ValueError(f"--train-modality {a.train_modality} is not in {a.data} (it has {sorted(by_modality)})")
+    test, pool = {}, {}
+    for m, exs in sorted(by_modality.items()):
+        exs = random.Random(f"{a.seed}-split-{m}").sample(exs, len(exs))
+        n = max(1, min(p["n_test"], len(exs) // 5))
+        test[m], pool[m] = exs[:n], exs[n:]
+    train = pool[a.train_modality]
+    if len(train) < p["batch_prompts"]:
+        raise ValueError(f"{a.data}: {len(train)} {a.train_modality} questions left for training, "
+                         f"fewer than --batch-prompts {p['batch_prompts']}")
+    return Data(sorted(by_modality), sorted({e.qtype for e in examples}), a.train_modality, train,
+                warm=train[:p["n_warm"]], test=[e for m in test for e in test[m]],
+                curve=[e for m in test for e in test[m][:p["n_eval_curve"]]], cliff=train[:p["n_cliff"]],
+                pool=[e for m in pool for e in pool[m]], fingerprint=fingerprint)
+
+
 # ---------------------------------------------------------------------------------------
 # Prompts and targets (plain, hint request for the teacher, hinted prompt for the student)
 # ---------------------------------------------------------------------------------------
+# The texts below are the user's turn; `encode` adds the image (and the chat template, if any).
 def prompt_text(ex: Example) -> str:
-    options = " , ".join(f"{o} {LETTERS[i]}" for i, o in enumerate(ex.options))
-    return f"<image> {ex.question} options {options}"
+    options = " , ".join(f"{o} {string.ascii_lowercase[i]}" for i, o in enumerate(ex.options))
+    return f"{ex.question} options {options}"
 
 
 def hint_request_text(ex: Example) -> str:
     """The teacher is shown the ground truth (option text and letter) and asked for a hint (SPEC 3.3)."""
-    return f"{prompt_text(ex)} answer {ex.evidence.split()[-1]} {ex.answer} hint"
+    return f"{prompt_text(ex)} answer {ex.options[string.ascii_lowercase.index(ex.answer)]} {ex.answer} hint"
 
 
 def hinted_text(ex: Example, hint: str) -> str:
@@ -269,16 +403,19 @@ def hint_text(ex: Example) -> str:
 TAGS = ["<think>", "</think>", "<answer>", "</answer>", "<hint>", "</hint>"]
 
 
-def build_processor() -> LlavaProcessor:
-    """A word-level tokenizer over the toy's words and a SigLIP image processor, as one LlavaProcessor."""
+def build_processor(extra: list[Example] = ()) -> LlavaProcessor:
+    """A LlavaProcessor: a word-level tokenizer over the toy's words (and `extra`'s) and a SigLIP image processor."""
     words = set(LETTERS) | set(MODALITIES + ORGANS + FINDINGS + list(GRADES) + COUNTS)
     words |= {",", "left", "right", "options", "answer", "hint", "modality", "organ", "finding", "size", "count", "side"}
     for q in [*filter(None, QUESTIONS.values()), *ATTRIBUTE_QUESTIONS.values()]:
         words |= set(q.split())
+    split = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    for e in extra:
+        words |= {w.lower() for w, _ in split.pre_tokenize_str(f"{prompt_text(e)} {e.answer}")}
     vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", "<image>"] + sorted(words))}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tk.pre_tokenizer = split
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"},
                                   padding_side="left")
@@ -303,10 +440,20 @@ def build_vlm(tok, hidden: int, layers: int) -> LlavaForConditionalGeneration:
     return LlavaForConditionalGeneration(config)
 
 
-def encode(proc, examples: list[Example], texts: list[str], device) -> kepo.PromptBatch:
-    enc = proc(text=texts, images=[draw(e.case) for e in examples], return_tensors="pt", padding=True)
-    return kepo.PromptBatch(enc["input_ids"].to(device), enc["attention_mask"].to(device),
-                            {"pixel_values": enc["pixel_values"].to(device)})
+def user_turn(proc, text: str) -> str:
+    """The image and `text` as the model expects them: its chat template, else `<image> text`."""
+    if getattr(proc, "chat_template", None):
+        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return proc.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+    return f"{proc.image_token} {text}"
+
+
+def encode(proc, examples: list[Example], texts: list[str], device, targets: list[str] = ()) -> kepo.PromptBatch:
+    """Prompts (plus SFT targets after them) with their images; every processor output but the text is vision."""
+    full = [user_turn(proc, t) + (f" {targets[i]}" if targets else "") for i, t in enumerate(texts)]
+    enc = proc(text=full, images=[image_of(e) for e in examples], return_tensors="pt", padding=True)
+    vision = {k: v.to(device) for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    return kepo.PromptBatch(enc["input_ids"].to(device), enc["attention_mask"].to(device), vision)
 
 
 # ---------------------------------------------------------------------------------------
@@ -314,7 +461,7 @@ def encode(proc, examples: list[Example], texts: list[str], device) -> kepo.Prom
 # ---------------------------------------------------------------------------------------
 def sft_loss(model, proc, examples: list[Example], prompts: list[str], targets: list[str], device):
     """Cross-entropy on the target tokens only (prompt and padding are labelled -100)."""
-    batch = encode(proc, examples, [f"{p} {t}" for p, t in zip(prompts, targets)], device)
+    batch = encode(proc, examples, prompts, device, targets)
     labels = batch.input_ids.clone()
     for i, t in enumerate(targets):
         labels[i, :labels.shape[1] - len(proc.tokenizer(t).input_ids)] = -100
@@ -336,10 +483,11 @@ def sft(model, proc, draw_batch, steps: int, batch_size: int, lr: float, device,
             print(f"  [{name}] step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - start:.0f}s)")
 
 
-def teacher_batch():
-    """Teacher data: fresh questions of all modalities; 75% answer, 25% write a hint from the answer."""
+def teacher_batch(pool: list[Example]):
+    """Teacher data: fresh toy questions of all modalities (or the pool's); 75% answer, 25% write a hint."""
     def draw_batch(rng, n):
-        exs = [make_example(rng, rng.choice(MODALITIES)) for _ in range(n)]
+        exs = [rng.choice(pool) for _ in range(n)] if pool else [make_example(rng, rng.choice(MODALITIES))
+                                                                 for _ in range(n)]
         hint = [rng.random() < 0.25 for _ in exs]
         return (exs, [hint_request_text(e) if h else prompt_text(e) for e, h in zip(exs, hint)],
                 [hint_text(e) if h else answer_text(e) for e, h in zip(exs, hint)])
@@ -359,41 +507,42 @@ def warmup_batch(warm_set: list[Example]):
 # Stage 4: greedy evaluation, and the learning-cliff measurement before RL
 # ---------------------------------------------------------------------------------------
 @torch.no_grad()
-def correctness(model, proc, examples: list[Example], device, group_size=1, temperature=0.0, chunk=256):
+def correctness(model, proc, examples: list[Example], a: Args, group_size=1, temperature=0.0, chunk=256):
     """[len(examples) * group_size] 1.0 where the completion's answer letter is right."""
     tok, out = proc.tokenizer, []
     suppress = kepo.suppressed_ids(tok, model)
     step = max(chunk // group_size, 1)
     for i in range(0, len(examples), step):
         exs = examples[i:i + step]
-        r = kepo.generate_rollouts(model, tok, encode(proc, exs, [prompt_text(e) for e in exs], device),
+        r = kepo.generate_rollouts(model, tok, encode(proc, exs, [prompt_text(e) for e in exs], a.device),
                                    group_size, temperature=temperature, top_p=0.95,
-                                   max_new_tokens=MAX_NEW_TOKENS, suppress=suppress)
+                                   max_new_tokens=a.max_new_tokens, suppress=suppress)
         out.append(kepo.accuracy_reward(r.texts, [e.answer for e in exs for _ in range(group_size)]))
     return torch.cat(out)
 
 
-def summarize(examples: list[Example], correct: torch.Tensor) -> dict:
-    """Accuracy per modality and per question type, and the ID (MRI) and OOD means."""
+def summarize(examples: list[Example], correct: torch.Tensor, data: Data) -> dict:
+    """Accuracy per modality and per question type, and the ID (train modality) and OOD means."""
     def mean_where(pred):
         hits = [c for e, c in zip(examples, correct.tolist()) if pred(e)]
         return sum(hits) / max(len(hits), 1)
-    res = {m: mean_where(lambda e, m=m: e.case.modality == m) for m in MODALITIES}
-    res.update({f"q/{q}": mean_where(lambda e, q=q: e.qtype == q) for q in QUESTIONS})
-    res["ID"] = res[TRAIN_MODALITY]
-    res["OOD"] = sum(res[m] for m in MODALITIES if m != TRAIN_MODALITY) / (len(MODALITIES) - 1)
+    res = {m: mean_where(lambda e, m=m: e.modality == m) for m in data.modalities}
+    res.update({f"q/{q}": mean_where(lambda e, q=q: e.qtype == q) for q in data.qtypes})
+    ood = [m for m in data.modalities if m != data.train_modality]
+    res["ID"] = res[data.train_modality]
+    res["OOD"] = sum(res[m] for m in ood) / max(len(ood), 1)
     return res
 
 
-def cliff_mask(model, proc, examples: list[Example], group_size: int, device) -> list[bool]:
+def cliff_mask(model, proc, examples: list[Example], group_size: int, a: Args) -> list[bool]:
     """Per prompt: are all G samples (temperature 0.9, as in RL) wrong? The learning cliff."""
-    correct = correctness(model, proc, examples, device, group_size, temperature=0.9).view(-1, group_size)
+    correct = correctness(model, proc, examples, a, group_size, temperature=0.9).view(-1, group_size)
     return (correct.amax(1) == 0).tolist()
 
 
-def cliff_by_type(examples: list[Example], mask: list[bool]) -> dict:
+def cliff_by_type(examples: list[Example], mask: list[bool], data: Data) -> dict:
     out = {q: sum(w for e, w in zip(examples, mask) if e.qtype == q) / max(sum(e.qtype == q for e in examples), 1)
-           for q in QUESTIONS}
+           for q in data.qtypes}
     out["all"] = sum(mask) / len(mask)
     return out
 
@@ -430,37 +579,121 @@ def save_stage(path: str, model, proc, config: dict):
     os.replace(tmp, path)
 
 
-def teacher_stage(a: Args, p: dict, proc):
-    path = os.path.join(a.out, f"{a.preset}-teacher")
+def tag(a: Args) -> str:
+    """Names the run's folders: the preset, plus the data file and student checkpoint when given."""
+    parts = [a.preset] + [os.path.splitext(os.path.basename(x.rstrip("/")))[0] for x in (a.data, a.student) if x]
+    return "-".join(parts)
+
+
+def teacher_stage(a: Args, p: dict, proc, data: Data):
+    path = os.path.join(a.out, f"{tag(a)}-teacher")
     config = {"size": p["teacher"], "steps": p["teacher_steps"], "batch": p["teacher_batch"], "lr": p["sft_lr"]}
+    if a.data:
+        config["data"] = data.fingerprint
     cached = load_stage(path, config)
     if cached is not None:
         return cached.to(a.device)
     print(f"stage 1: teacher SFT on all modalities ({p['teacher_steps']} steps, shared by every seed)")
     torch.manual_seed(TEACHER_SEED)
     teacher = build_vlm(proc.tokenizer, *p["teacher"]).to(a.device)
-    sft(teacher, proc, teacher_batch(), p["teacher_steps"], p["teacher_batch"], p["sft_lr"], a.device, "teacher", TEACHER_SEED)
+    sft(teacher, proc, teacher_batch(data.pool), p["teacher_steps"], p["teacher_batch"], p["sft_lr"], a.device,
+        "teacher", TEACHER_SEED)
     save_stage(path, teacher, proc, config)
     return teacher
 
 
-def student_stage(a: Args, p: dict, proc, root: str):
+def student_stage(a: Args, p: dict, proc, root: str, data: Data):
     path = os.path.join(root, "student_init")
-    config = {"size": p["student"], "steps": p["warm_steps"], "n_warm": p["n_warm"], "lr": p["sft_lr"]}
+    config = {"size": p["student"], "steps": p["warm_steps"], "n_warm": p["n_warm"], "lr": p["sft_lr"],
+              "modality": data.train_modality}
+    if a.data:
+        config["data"] = data.fingerprint
     cached = load_stage(path, config)
     if cached is not None:
         return cached.to(a.device)
-    print(f"stage 2: student warm-up SFT on {p['n_warm']} MRI questions ({p['warm_steps']} steps)")
+    print(f"stage 2: student warm-up SFT on {len(data.warm)} {data.train_modality} questions ({p['warm_steps']} steps)")
     torch.manual_seed(a.seed + 1)
     student = build_vlm(proc.tokenizer, *p["student"]).to(a.device)
-    warm = make_split(a.seed, "warm", TRAIN_MODALITY, p["n_warm"])
-    sft(student, proc, warmup_batch(warm), p["warm_steps"], p["sft_batch"], p["sft_lr"], a.device, "student", a.seed)
+    sft(student, proc, warmup_batch(data.warm), p["warm_steps"], p["sft_batch"], p["sft_lr"], a.device, "student",
+        a.seed)
     save_stage(path, student, proc, config)
     return student
 
 
+def load_pretrained(flag: str, path: str, device):
+    """(model, processor) of a local checkpoint given as --student/--teacher; errors name the flag and path."""
+    try:
+        return (AutoModelForImageTextToText.from_pretrained(path).to(device), AutoProcessor.from_pretrained(path))
+    except Exception as e:
+        raise RuntimeError(f"{flag} {path}: cannot load a VLM and its processor ({type(e).__name__}: {e})") from e
+
+
+def pretrained_stages(a: Args):
+    """Stages 1-2 replaced by local checkpoints: (processor, teacher, student, where the student is)."""
+    if not (a.student and a.teacher):
+        raise ValueError("--student and --teacher go together: every method but grpo needs the teacher, "
+                         "and the table compares with it")
+    student, proc = load_pretrained("--student", a.student, a.device)
+    teacher, teacher_proc = load_pretrained("--teacher", a.teacher, a.device)
+    if teacher_proc.tokenizer.get_vocab() != proc.tokenizer.get_vocab():
+        raise ValueError(f"--teacher {a.teacher} and --student {a.student} have different vocabularies; "
+                         "token-level distillation needs one tokenizer")
+    return proc, teacher, student, a.student
+
+
 # ---------------------------------------------------------------------------------------
-# Stage 3: RL on MRI questions, with checkpoints and resume
+# Multi-GPU: torchrun starts one process per GPU; each holds a DDP replica of the student
+# ---------------------------------------------------------------------------------------
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def setup_distributed(a: Args) -> Args:
+    """Under torchrun: join the process group (nccl on GPUs, gloo on CPU), one GPU per process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return a
+    if a.jobs > 1:
+        raise ValueError("--jobs runs separate processes; under torchrun use --jobs 1")
+    cuda = a.device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))  # rank 0 trains the stages
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        a = replace(a, device=f"cuda:{os.environ['LOCAL_RANK']}")
+    if rank():
+        sys.stdout = open(os.devnull, "w")  # rank 0 prints and writes files
+    return a
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+COUNTS_PER_STEP = ("hint_groups", "hint_written", "hint_injected")  # summed over ranks; the rest are means
+
+
+def reduce_metrics(m: dict) -> dict:
+    """The step's metrics over all ranks: counts summed, the rest averaged (every rank holds as many prompts)."""
+    if not dist.is_initialized():
+        return m
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, m)
+    return {k: sum(g.get(k, 0.0) for g in gathered) / (1 if k in COUNTS_PER_STEP else len(gathered))
+            for k in sorted(set().union(*gathered))}
+
+
+def rng_states() -> list:
+    """Every rank's CPU and CUDA RNG state, gathered for the checkpoint (rank order)."""
+    state = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    if not dist.is_initialized():
+        return [state]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
+# ---------------------------------------------------------------------------------------
+# Stage 3: RL on the train modality, with checkpoints and resume
 # ---------------------------------------------------------------------------------------
 def run_name(a: Args) -> str:
     name = f"rl-{a.method}"
@@ -472,13 +705,15 @@ def run_name(a: Args) -> str:
 
 
 def save_checkpoint(run_dir: str, step: int, student, proc, opt):
+    """Weights, optimizer and every rank's RNG state, written by rank 0 into a temporary folder, then renamed."""
+    rng = rng_states()
+    if rank():
+        return
     tmp, final = os.path.join(run_dir, "ckpt.tmp"), os.path.join(run_dir, "ckpt")
     shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(tmp)
     proc.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-               os.path.join(tmp, "trainer.pt"))
+    torch.save({"step": step, "optimizer": opt.state_dict(), "rng": rng}, os.path.join(tmp, "trainer.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 
@@ -491,11 +726,15 @@ def load_checkpoint(run_dir: str, opt_factory, device):
         state = torch.load(os.path.join(path, "trainer.pt"), weights_only=True, map_location="cpu")
     except Exception as e:
         raise RuntimeError(f"checkpoint {path} is corrupt ({type(e).__name__}: {e}); delete it to restart") from e
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if len(state["rng"]) != world:
+        raise RuntimeError(f"checkpoint {path} was written by {len(state['rng'])} processes; resume with as many")
     opt = opt_factory(student)
     opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    cpu_rng, cuda_rng = state["rng"][rank()]
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng:
+        torch.cuda.set_rng_state_all(cuda_rng)
     return student, opt, state["step"]
 
 
@@ -512,38 +751,46 @@ def hint_prompts(exs: list[Example], proc, device) -> kepo.HintPrompts:
                                          [hinted_text(exs[i], h) for i, h in zip(idx, hints)], device))
 
 
-def rl(a: Args, p: dict, proc, teacher, root: str, cfg: kepo.KEPOConfig, curve_set: list[Example]):
-    """RL on MRI questions with kepo.kepo_step; returns the trained student. Metrics go to metrics.jsonl."""
-    run_dir = os.path.join(root, run_name(a))
+def rl(a: Args, p: dict, proc, teacher, root: str, cfg: kepo.KEPOConfig, data: Data, student_src: str):
+    """RL on the train modality with kepo.kepo_step; returns the trained student. Metrics go to metrics.jsonl.
+
+    Under torchrun every rank takes its slice of the step's prompts; rank 0 evaluates and writes.
+    """
+    run_dir, world = os.path.join(root, run_name(a)), dist.get_world_size() if dist.is_initialized() else 1
+    if p["batch_prompts"] % world:
+        raise ValueError(f"--batch-prompts {p['batch_prompts']} must divide among {world} processes")
     os.makedirs(run_dir, exist_ok=True)
-    train = make_split(a.seed, "train", TRAIN_MODALITY, p["n_train"])
-    student_dir = os.path.join(root, "student_init")
-    ref = AutoModelForImageTextToText.from_pretrained(student_dir).to(a.device).requires_grad_(False)
+    ref = AutoModelForImageTextToText.from_pretrained(student_src).to(a.device).requires_grad_(False)
     opt_factory = lambda m: torch.optim.AdamW(m.parameters(), lr=p["lr"], weight_decay=0.0)  # noqa: E731
     metrics_path, start = os.path.join(run_dir, "metrics.jsonl"), 0
     if a.resume and os.path.exists(os.path.join(run_dir, "ckpt")):
         student, opt, start = load_checkpoint(run_dir, opt_factory, a.device)
         print(f"resumed {run_dir} at step {start}")
     else:
-        student = AutoModelForImageTextToText.from_pretrained(student_dir).to(a.device)
+        student = AutoModelForImageTextToText.from_pretrained(student_src).to(a.device)
         opt = opt_factory(student)
-        torch.manual_seed(a.seed)
-    kept = [ln for ln in open(metrics_path) if json.loads(ln)["step"] <= start] if start else []
-    with open(metrics_path, "w") as f:  # drop lines logged after the checkpoint we resume from
-        f.writelines(kept)
+        torch.manual_seed(a.seed + 7919 * rank())  # rank 0 samples as a single process does
+    # find_unused_parameters: VLMs hold weights no loss reaches (SigLIP's pooling head, for one)
+    model = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True) if world > 1 else student
+    if rank() == 0:
+        kept = [ln for ln in open(metrics_path) if json.loads(ln)["step"] <= start] if start else []
+        with open(metrics_path, "w") as f:  # drop lines logged after the checkpoint we resume from
+            f.writelines(kept)
     t0 = time.time()
     for step in range(start + 1, p["steps"] + 1):
-        exs = rl_batch(a, train, step, p["batch_prompts"])
+        exs = rl_batch(a, data.train, step, p["batch_prompts"])[rank()::world]
         prompts = encode(proc, exs, [prompt_text(e) for e in exs], a.device)
-        m = kepo.kepo_step(student, opt, proc.tokenizer, prompts, [e.answer for e in exs], cfg, a.method,
+        m = kepo.kepo_step(model, opt, proc.tokenizer, prompts, [e.answer for e in exs], cfg, a.method,
                            teacher=teacher, ref_model=ref, hint_prompts=hint_prompts(exs, proc, a.device))
+        m = reduce_metrics(m)
         m["step"] = step
-        if step % p["eval_every"] == 0 or step == p["steps"]:
+        if rank() == 0 and (step % p["eval_every"] == 0 or step == p["steps"]):
             te = time.time()
-            m["eval/OOD"] = summarize(curve_set, correctness(student, proc, curve_set, a.device))["OOD"]
+            m["eval/OOD"] = summarize(data.curve, correctness(student, proc, data.curve, a), data)["OOD"]
             m["time/eval"] = time.time() - te
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(m) + "\n")
+        if rank() == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(m) + "\n")
         if step % p["log_every"] == 0 or step == p["steps"]:
             rate = (step - start) / (time.time() - t0)
             print(f"  step {step:4d}/{p['steps']} reward {m['reward']:.2f} acc {m['sample_accuracy']:.2f} "
@@ -552,18 +799,19 @@ def rl(a: Args, p: dict, proc, teacher, root: str, cfg: kepo.KEPOConfig, curve_s
                   f"ETA {(p['steps'] - step) / rate:.0f}s")
         if step % p["ckpt_every"] == 0:
             save_checkpoint(run_dir, step, student, proc, opt)
-    student.save_pretrained(os.path.join(run_dir, "student"))
-    proc.save_pretrained(os.path.join(run_dir, "student"))
+    if rank() == 0:
+        student.save_pretrained(os.path.join(run_dir, "student"))
+        proc.save_pretrained(os.path.join(run_dir, "student"))
     return student, run_dir
 
 
 # ---------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------
-def print_table(rows: dict[str, dict]):
-    """Accuracy per modality (MRI in-distribution, marked *), ID and OOD means, per question type."""
-    cols = MODALITIES + ["ID", "OOD"] + [f"q/{q}" for q in QUESTIONS]
-    head = [c + "*" if c == TRAIN_MODALITY else c.removeprefix("q/") for c in cols]
+def print_table(rows: dict[str, dict], data: Data):
+    """Accuracy per modality (the train modality is in-distribution, marked *), ID and OOD means, per question type."""
+    cols = data.modalities + ["ID", "OOD"] + [f"q/{q}" for q in data.qtypes]
+    head = [c + "*" if c == data.train_modality else c.removeprefix("q/") for c in cols]
     width = max(len(n) for n in rows) + 2
     print("".ljust(width) + " ".join(h[:10].rjust(10) for h in head))
     for name, res in rows.items():
@@ -576,8 +824,8 @@ def phase_times(run_dir: str) -> dict:
     return {k: sum(m.get(k, 0.0) for m in lines) for k in keys}
 
 
-def run_method(a: Args, p: dict, proc, teacher, root: str, before: dict) -> dict:
-    """Stages 3 and 4 for one method or ablation; results.json is written and returned."""
+def run_method(a: Args, p: dict, proc, teacher, root: str, before: dict, data: Data, student_src: str) -> dict:
+    """Stages 3 and 4 for one method or ablation; results.json is written and returned (None off rank 0)."""
     results_path = os.path.join(root, run_name(a), "results.json")
     settings = {k: p[k] for k in ("steps", "batch_prompts", "lr")} | {"group_size": a.group_size}
     if a.resume and os.path.exists(results_path):
@@ -586,43 +834,42 @@ def run_method(a: Args, p: dict, proc, teacher, root: str, before: dict) -> dict
         if res["settings"] == settings:
             return res
         print(f"{results_path} was made with {res['settings']}, not {settings}: running it again")
-    cfg = kepo.KEPOConfig(group_size=a.group_size, max_new_tokens=MAX_NEW_TOKENS, max_hint_tokens=MAX_NEW_TOKENS,
+    cfg = kepo.KEPOConfig(group_size=a.group_size, max_new_tokens=a.max_new_tokens, max_hint_tokens=a.max_new_tokens,
                           tau=a.tau, hint_mode=a.hint_mode)
-    print(f"stage 3: RL ({run_name(a)}) on {p['n_train']} MRI questions, {p['steps']} steps x "
+    print(f"stage 3: RL ({run_name(a)}) on {len(data.train)} {data.train_modality} questions, {p['steps']} steps x "
           f"{p['batch_prompts']} prompts x G={a.group_size}")
-    start, s = time.time(), splits(a, p)
-    student, run_dir = rl(a, p, proc, teacher, root, cfg, s["curve"])
+    start = time.time()
+    student, run_dir = rl(a, p, proc, teacher, root, cfg, data, student_src)
+    if rank():
+        barrier()
+        return None
     rl_time, start = time.time() - start, time.time()
-    res = summarize(s["test"], correctness(student, proc, s["test"], a.device))
-    still = cliff_mask(student, proc, s["cliff"], a.group_size, a.device)
+    res = summarize(data.test, correctness(student, proc, data.test, a), data)
+    still = cliff_mask(student, proc, data.cliff, a.group_size, a)
     was = before["cliff_mask"]
     res["cliff_solved"] = sum(w and not n for w, n in zip(was, still)) / max(sum(was), 1)
     res.update(method=a.method, run=run_name(a), seed=a.seed, preset=a.preset, settings=settings, rl_seconds=rl_time,
                eval_seconds=time.time() - start, phases=phase_times(run_dir), kepo_config=asdict(cfg))
     with open(results_path, "w") as f:
         json.dump(res, f, indent=1)
+    barrier()
     return res
 
 
-def splits(a: Args, p: dict) -> dict:
-    """Held-out test questions of all modalities, the OOD-curve subset, and the MRI prompts the cliff is measured on."""
-    return {"test": [e for m in MODALITIES for e in make_split(a.seed, "test", m, p["n_test"])],
-            "curve": [e for m in MODALITIES for e in make_split(a.seed, "curve", m, p["n_eval_curve"])],
-            "cliff": make_split(a.seed, "train", TRAIN_MODALITY, p["n_train"])[:p["n_cliff"]]}
-
-
-def before_rl(a: Args, p: dict, proc, teacher, student, root: str) -> dict:
-    """Teacher and warm student accuracy, and the learning cliff before RL; cached next to the student."""
-    path = os.path.join(root, "student_init", "before_rl.json")
+def before_rl(a: Args, p: dict, proc, teacher, student, root: str, data: Data, key: dict) -> dict:
+    """Teacher and student accuracy, and the learning cliff before RL; cached in root, keyed by what made them."""
+    path = os.path.join(root, "before_rl.json")
+    key = json.loads(json.dumps(key | {"n_test": p["n_test"], "n_cliff": p["n_cliff"], "group_size": a.group_size}))
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f)
-    s = splits(a, p)
+            cached = json.load(f)
+        if cached.get("key") == key:
+            return cached
     torch.manual_seed(a.seed)
-    mask = cliff_mask(student, proc, s["cliff"], a.group_size, a.device)
-    before = {"rows": {"teacher": summarize(s["test"], correctness(teacher, proc, s["test"], a.device)),
-                       "student (before RL)": summarize(s["test"], correctness(student, proc, s["test"], a.device))},
-              "cliff": cliff_by_type(s["cliff"], mask), "cliff_mask": mask}
+    mask = cliff_mask(student, proc, data.cliff, a.group_size, a)
+    before = {"rows": {"teacher": summarize(data.test, correctness(teacher, proc, data.test, a), data),
+                       "student (before RL)": summarize(data.test, correctness(student, proc, data.test, a), data)},
+              "cliff": cliff_by_type(data.cliff, mask, data), "cliff_mask": mask, "key": key}
     with open(path, "w") as f:
         json.dump(before, f)
     return before
@@ -640,28 +887,46 @@ def variant_args(a: Args, name: str) -> Args:
     return Args(**{**asdict(a), "tau": 1.0, "hint_mode": "adaptive", **VARIANTS[name]})
 
 
+def load_data(a: Args, p: dict) -> Data:
+    return jsonl_data(a, p) if a.data else toy_data(a, p)
+
+
 def main(a: Args) -> dict:
     """Stages 1-4 for one seed: a.method, or the four methods (--compare), or every variant (--grid)."""
     p = dict(PRESETS[a.preset])
     p.update({k: getattr(a, k) for k in ("steps", "batch_prompts", "lr", "ckpt_every", "log_every") if getattr(a, k)})
-    root = os.path.join(a.out, f"{a.preset}-seed{a.seed}")
+    root = os.path.join(a.out, f"{tag(a)}-seed{a.seed}")
     os.makedirs(root, exist_ok=True)
-    proc, t_all = build_processor(), time.time()
-    teacher = teacher_stage(a, p, proc)
-    student = student_stage(a, p, proc, root)
-    before = before_rl(a, p, proc, teacher, student, root)
-    print(f"learning cliff before RL (MRI train, G={a.group_size}, all samples wrong): "
-          + ", ".join(f"{q} {v:.2f}" for q, v in before["cliff"].items()))
+    t_all, data = time.time(), load_data(a, p)
+    if rank():
+        barrier()  # rank 0 builds (or finds) the cached stages first; the others then load them
+    if a.student or a.teacher:
+        proc, teacher, student, student_src = pretrained_stages(a)
+        key = {"student": os.path.abspath(a.student), "teacher": os.path.abspath(a.teacher)}
+    else:
+        proc = build_processor(data.pool + data.test if a.data else [])
+        teacher = teacher_stage(a, p, proc, data)
+        student = student_stage(a, p, proc, root, data)
+        student_src, key = os.path.join(root, "student_init"), {"student": "student_init", "teacher": "toy"}
+    key |= {"data": data.fingerprint, "train_modality": data.train_modality}
+    before = before_rl(a, p, proc, teacher, student, root, data, key) if rank() == 0 else None
+    if rank() == 0:
+        barrier()
+    if before:
+        print(f"learning cliff before RL ({data.train_modality} train, G={a.group_size}, all samples wrong): "
+              + ", ".join(f"{q} {v:.2f}" for q, v in before["cliff"].items()))
     runs = list(VARIANTS) if a.grid else METHOD_ORDER if a.compare else [None]
     runs = [variant_args(a, r) if r else a for r in runs]
-    rows = dict(before["rows"])
+    rows = dict(before["rows"]) if before else {}
     if a.jobs > 1:  # independent RL runs as parallel processes (one GPU, many CPU cores), then read back
         launch_parallel(a, runs)
         runs = [replace(r, resume=True) for r in runs]
     for r in runs:
-        rows[run_name(r)] = run_method(r, p, proc, teacher, root, before)
-    print(f"\ngreedy accuracy on {p['n_test']} held-out questions per modality (* = in-distribution):")
-    print_table(rows)
+        rows[run_name(r)] = run_method(r, p, proc, teacher, root, before, data, student_src)
+    if rank():
+        return rows
+    print(f"\ngreedy accuracy on {len(data.test)} held-out questions (* = in-distribution):")
+    print_table(rows, data)
     with open(os.path.join(root, "summary.json"), "w") as f:
         json.dump({"cliff_before_rl": before["cliff"], "rows": rows, "seconds": time.time() - t_all}, f, indent=1)
     print(f"\nresults in {root}/ ({time.time() - t_all:.0f}s)")
@@ -670,8 +935,6 @@ def main(a: Args) -> dict:
 
 def launch_parallel(a: Args, runs: list[Args]):
     """Run each variant's RL as its own `train_small.py --resume` process, at most a.jobs at once."""
-    import subprocess
-    import sys
     pending, active = list(runs), []
     while pending or active:
         while pending and len(active) < a.jobs:
@@ -679,7 +942,7 @@ def launch_parallel(a: Args, runs: list[Args]):
             one_run = replace(r, compare=False, grid=False, report=False, jobs=1, resume=True)
             flags = [f"--{f.name.replace('_', '-')}" + ("" if f.type is bool else f"={getattr(one_run, f.name)}")
                      for f in fields(Args) if f.type is not bool or getattr(one_run, f.name)]
-            log = open(os.path.join(r.out, f"{r.preset}-seed{r.seed}", f"{run_name(r)}.log"), "w")
+            log = open(os.path.join(r.out, f"{tag(r)}-seed{r.seed}", f"{run_name(r)}.log"), "w")
             active.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *flags], stdout=log,
                                            stderr=subprocess.STDOUT))
         time.sleep(1)
@@ -700,8 +963,8 @@ CURVES = {"reward": "training reward", "cliff_groups": "all-wrong groups", "dist
 def collect(a: Args) -> dict[str, list[dict]]:
     """name -> one results dict per seed, for the runs and the before-RL rows under --out."""
     found = {}
-    for seed_dir in sorted(glob.glob(os.path.join(a.out, f"{a.preset}-seed*"))):
-        before = os.path.join(seed_dir, "student_init", "before_rl.json")
+    for seed_dir in sorted(glob.glob(os.path.join(a.out, f"{tag(a)}-seed*"))):
+        before = os.path.join(seed_dir, "before_rl.json")
         if os.path.exists(before):
             for name, row in json.load(open(before))["rows"].items():
                 found.setdefault(name, []).append(row)
@@ -722,17 +985,18 @@ def mean_std(values: list[float]) -> str:
 
 
 def report(a: Args):
-    """Markdown tables (mean ± std over seeds) to {out}/{preset}-report.md, curves to {out}/{preset}-curves.png."""
+    """Markdown tables (mean ± std over seeds) to {out}/{tag}-report.md, curves to {out}/{tag}-curves.png."""
     order = ["teacher", "student (before RL)"] + ["rl-" + v for v in VARIANTS]
     found = dict(sorted(collect(a).items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     if not found:
-        raise SystemExit(f"--report: no results under {a.out} for preset {a.preset}")
-    cols = MODALITIES + ["ID", "OOD"]
-    lines = ["| run | seeds | " + " | ".join(c + (" (ID)" if c == TRAIN_MODALITY else "") for c in cols) + " |",
+        raise SystemExit(f"--report: no results under {a.out} for {tag(a)}")
+    data = load_data(a, PRESETS[a.preset])
+    cols = data.modalities + ["ID", "OOD"]
+    lines = ["| run | seeds | " + " | ".join(c + (" (ID)" if c == data.train_modality else "") for c in cols) + " |",
              "|---" * (len(cols) + 2) + "|"]
     lines += [f"| {n} | {len(rs)} | " + " | ".join(mean_std([r[c] for r in rs]) for c in cols) + " |"
               for n, rs in found.items()]
-    qcols = [f"q/{q}" for q in QUESTIONS]
+    qcols = [f"q/{q}" for q in data.qtypes]
     lines += ["", "| run | " + " | ".join(q[2:] for q in qcols) + " |", "|---" * (len(qcols) + 1) + "|"]
     lines += [f"| {n} | " + " | ".join(mean_std([r[c] for r in rs]) for c in qcols) + " |" for n, rs in found.items()]
     hint_runs = {n: rs for n, rs in found.items() if "cliff_solved" in rs[0]}
@@ -742,7 +1006,7 @@ def report(a: Args):
               f"| {mean_std([r['hint_injected'] for r in rs])} | {mean_std([r['cliff_solved'] for r in rs])} "
               f"| {mean_std([r['rl_seconds'] for r in rs])} |" for n, rs in hint_runs.items()]
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(a.out, f"{a.preset}-report.md"), "w") as f:
+    with open(os.path.join(a.out, f"{tag(a)}-report.md"), "w") as f:
         f.write(text)
     print(text)
     plot_curves(a, hint_runs)
@@ -770,9 +1034,9 @@ def plot_curves(a: Args, runs: dict[str, list[dict]]):
         ax.set_title(title)
         ax.set_xlabel("RL step")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"preset {a.preset}: mean over {len(next(iter(runs.values())))} seeds (per-step curves: 10-step moving average)")
+    fig.suptitle(f"{tag(a)}: mean over {len(next(iter(runs.values())))} seeds (per-step curves: 10-step moving average)")
     fig.tight_layout()
-    path = os.path.join(a.out, f"{a.preset}-curves.png")
+    path = os.path.join(a.out, f"{tag(a)}-curves.png")
     fig.savefig(path, dpi=110)
     print(f"curves in {path}")
 
@@ -794,10 +1058,13 @@ def parse_args(argv=None) -> Args:
 if __name__ == "__main__":
     args = parse_args()
     hf_logging.disable_progress_bar()
+    args = setup_distributed(args)
     if args.grid:
         for seed in map(int, args.seeds.split(",")):
             main(replace(args, seed=seed, resume=True))
-    if args.grid or args.report:
-        report(args)
-    else:
+    if not (args.grid or args.report):
         main(args)
+    elif rank() == 0:
+        report(args)
+    if dist.is_initialized():
+        dist.destroy_process_group()
