@@ -724,6 +724,10 @@ def save_tiny_paddleocr_vl(path, hidden: int, seed: int):
     torch.manual_seed(seed)
     tr.PaddleOCRVLForConditionalGeneration(config).save_pretrained(path)
     proc.save_pretrained(path)
+    try:
+        tr.AutoProcessor.from_pretrained(path)
+    except ImportError as e:  # transformers < ~5.2x routes this processor through torchvision
+        pytest.skip("this transformers cannot load a PaddleOCR-VL processor: " + " ".join(str(e).split())[:100])
 
 
 def test_second_family_trains_through_student_and_teacher_flags(tmp_path):
