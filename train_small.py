@@ -672,24 +672,28 @@ def barrier():
 COUNTS_PER_STEP = ("hint_groups", "hint_written", "hint_injected")  # summed over ranks; the rest are means
 
 
+def gather(obj) -> list:
+    """obj from every rank, in rank order ([obj] in a single process)."""
+    gathered = [None] * kepo.world_size()
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, obj)
+    else:
+        gathered[0] = obj
+    return gathered
+
+
 def reduce_metrics(m: dict) -> dict:
     """The step's metrics over all ranks: counts summed, the rest averaged (every rank holds as many prompts)."""
     if not dist.is_initialized():
         return m
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, m)
+    gathered = gather(m)
     return {k: sum(g.get(k, 0.0) for g in gathered) / (1 if k in COUNTS_PER_STEP else len(gathered))
             for k in sorted(set().union(*gathered))}
 
 
 def rng_states() -> list:
     """Every rank's CPU and CUDA RNG state, gathered for the checkpoint (rank order)."""
-    state = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    if not dist.is_initialized():
-        return [state]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, state)
-    return gathered
+    return gather((torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
 
 
 # ---------------------------------------------------------------------------------------
@@ -726,8 +730,7 @@ def load_checkpoint(run_dir: str, opt_factory, device):
         state = torch.load(os.path.join(path, "trainer.pt"), weights_only=True, map_location="cpu")
     except Exception as e:
         raise RuntimeError(f"checkpoint {path} is corrupt ({type(e).__name__}: {e}); delete it to restart") from e
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if len(state["rng"]) != world:
+    if len(state["rng"]) != kepo.world_size():
         raise RuntimeError(f"checkpoint {path} was written by {len(state['rng'])} processes; resume with as many")
     opt = opt_factory(student)
     opt.load_state_dict(state["optimizer"])
@@ -756,7 +759,7 @@ def rl(a: Args, p: dict, proc, teacher, root: str, cfg: kepo.KEPOConfig, data: D
 
     Under torchrun every rank takes its slice of the step's prompts; rank 0 evaluates and writes.
     """
-    run_dir, world = os.path.join(root, run_name(a)), dist.get_world_size() if dist.is_initialized() else 1
+    run_dir, world = os.path.join(root, run_name(a)), kepo.world_size()
     if p["batch_prompts"] % world:
         raise ValueError(f"--batch-prompts {p['batch_prompts']} must divide among {world} processes")
     os.makedirs(run_dir, exist_ok=True)
