@@ -1,4 +1,4 @@
-"""KEPO: Knowledge-Enhanced Preference Optimization (arXiv 2602.00400), in one file.
+"""KEPO: Knowledge-Enhanced Preference Optimization (Yang et al., 2026, arXiv 2602.00400), in one file.
 
 KEPO is GRPO for vision-language models with two additions from a stronger teacher:
   * quality-gated on-policy distillation: a token-level generalized JSD to the teacher, on
@@ -7,22 +7,37 @@ KEPO is GRPO for vision-language models with two additions from a stronger teach
     cliff", where GRPO's advantages are all zero), the teacher writes a hint from the ground
     truth, the student samples with the hint, and correct hinted samples replace rollouts of
     that group under the ORIGINAL hint-free prompt.
-Objective (paper, eq. 7):
-  J = E[(1/G) sum_i (A_i-weighted PG term - 1{r_i >= tau} D_JSD(pi_T || pi_theta)(y_i|x))]
-      - beta * KL(pi_theta || pi_ref)
 
-Map from SPEC.md section 3 (one training step) to this file, in reading order:
+The objective (paper, eq. 7), maximised:
+  J = E_x E_{y_1..G ~ pi(.|x)} [ (1/G) sum_i ( A_i-weighted PG term_i - 1{r_i >= tau} D_i ) ] - beta KL(pi || pi_ref)
+What this file computes, minimised (loss = -J up to normalisation), per step on N = B*G rollouts:
+  loss = policy_loss + distill_coef * distill
+  policy_loss = (1/N) sum_i (1/|y_i|) sum_t [ -A_i * ratio_it + beta_rl * k3_it ]      (token mean per sequence,
+                                                                                    then mean over sequences)
+  distill     = sum_{i: r_i >= tau} sum_t JSD_beta(pi_T || pi_theta)_it / sum_{i: r_i >= tau} |y_i|
+The distillation term is a token mean over the gated tokens of the batch, as in the authors'
+code (GKD and TRL normalise the same way), not the (1/G)-weighted sum of eq. 7 as written: with
+1 of 8 rows gated, that row gets full weight instead of 1/8, so the term does not shrink as the
+gate tightens. An empty gate gives exactly 0.
+
+Method names (`kepo_step(method=...)`):
+  grpo  policy_loss only (steps 1-4 below without the gate and hints)
+  opd   on-policy distillation (GKD with lambda = 1): the JSD on every rollout, no reward term
+  kdpo  GRPO + quality-gated distillation, no hints (the authors' name for this ablation)
+  kepo  kdpo + hints (knowledge-enhanced exploration) on cliff groups
+
+One training step, in reading order of this file:
   1. generation ............ generate_rollouts, completion_logits, selective_logps
   2. reward ................ format_reward, accuracy_reward, kepo_reward
-  4-5. GRPO ................ group_advantages, policy_loss
-  6. quality gate .......... quality_gate
-  7. teacher divergence .... generalized_jsd, distillation_loss
-  3. hint learning ......... extract_hint, write_hints
-  3. rejection sampling .... rejection_sample, inject, knowledge_enhance
-  8. total loss and step ... kepo_loss, kepo_step (method = grpo | opd | kdpo | kepo)
-Step 3 is defined after 7 only so that each function is read after the ones it uses.
+  3. GRPO .................. group_advantages, policy_loss (k3_kl)
+  4. quality gate .......... quality_gate
+  5. teacher divergence .... generalized_jsd, distillation_loss
+  6. hint learning ......... extract_hint, write_hints
+  7. rejection sampling .... rejection_sample, cliff_groups, inject, knowledge_enhance
+  8. loss and step ......... kepo_loss, kepo_step
+(In a step, hints (6-7) run right after the reward (2), before the advantages are computed.)
 
-Deliberate differences from the authors' code (SPEC.md section 4), each with its reason:
+Deliberate differences from the authors' code, each with its reason:
   * Trigger per group, accept per sample: only groups with no correct rollout get hints,
     and each correct hinted sample is kept on its own. The authors trigger the whole
     device batch when any group is all-zero and accept a try only if every hinted sample
@@ -36,24 +51,36 @@ Deliberate differences from the authors' code (SPEC.md section 4), each with its
   * The teacher runs only on gated rows (the authors run it on all rows and mask after):
     same loss, less compute.
   * tau is explicit: r = accuracy + format, so tau=1 admits a well-formatted wrong answer
-    and tau=2 only correct, well-formatted ones; both are run in the README's ablation.
+    and tau=2 only correct, well-formatted ones.
   * format_reward rejects repeated or nested tags: the authors' regex accepts
     `<answer>A</answer><answer>B</answer>`, which lets a policy hedge across answers.
+  * accuracy_reward reads the option letter in the last <answer> tag and accepts "(B)" and
+    "B. cyst" (the authors use math_verify, then an exact string match): a letter is what a
+    multiple-choice answer is, and the decoration around it carries no information.
+  * Policy log-probs use the logits divided by the sampling temperature (as TRL does; the
+    authors score raw logits): the ratio and gradient then belong to the distribution that
+    was actually sampled.
+  * The teacher's logits get the same suppressed ids masked as the student's (pad, BOS,
+    image placeholders): both distributions in the JSD live on the tokens a policy may emit.
+  * max_hint_tokens defaults to 64, where the authors allow the whole completion length:
+    a hint is a sentence. A hint cut off before </hint> is no hint, so its group gets none.
 Simplifications: one optimisation pass per batch (so old log-probs are the current ones
 detached and the PPO ratio is 1, as in the authors' runs); one image per prompt; teacher
 and student share the tokenizer and image processor (token-level divergence needs the same
 vocabulary, as in GKD).
 
-Adapting a new model family: everything here takes `PromptBatch.vision`, the keyword
-arguments the model's forward takes besides input_ids/attention_mask. Two places know their
-layout: `index_vision` (batch-first tensors such as LLaVA's pixel_values [B, 3, H, W] are
-indexed on dim 0; Qwen2-VL's flattened patches are regrouped with `image_grid_thw`) and
-`TOKEN_ALIGNED` (kwargs shaped like input_ids, e.g. Qwen2-VL's mm_token_type_ids, which the
-scoring forward extends over the completion). Tested on LLaVA, Qwen2-VL and PaddleOCR-VL
-(the last through train_small.py's --student/--teacher); a family with another layout
-needs a branch in one of those two places. Checklist for a new family: build a PromptBatch
-from its processor's output (everything but input_ids/attention_mask goes in `vision`),
-check that `suppressed_ids` covers its image placeholder ids, and check that
+Supported input layouts. Everything takes `PromptBatch.vision`, the keyword arguments the
+model's forward takes besides input_ids/attention_mask, and two places know their layout:
+`index_vision` and `TOKEN_ALIGNED`. Supported: batch-first tensors with one image per prompt
+(pixel_values [B, ...] indexed on dim 0, as in LLaVA, SmolVLM, Gemma 3 or PaliGemma) and
+flattened patches regrouped with `image_grid_thw` (Qwen2-VL and its successors, PaddleOCR-VL),
+with token-aligned kwargs such as mm_token_type_ids extended over the completion. test_kepo.py
+runs LLaVA and Qwen2-VL here, and PaddleOCR-VL through train_small.py. Not supported: several
+tiles per image stacked on dim 0 (InternVL or Aya Vision with more than one tile), whose
+pixel_values are not batch-first, and Mllama's 4-D cross_attention_mask, which would have to
+be extended over the completion as `generate` does. Checklist for a new family: build a
+PromptBatch from its processor's output (everything but input_ids/attention_mask goes in
+`vision`), check that `suppressed_ids` covers its image placeholder ids, and check that
 `completion_logits` reproduces `generate`'s logits (test_kepo.py shows how).
 
 Multi-GPU (DDP): each rank calls kepo_step on its own prompts with the student wrapped in
@@ -63,6 +90,7 @@ ranks, so the update equals one process's on the global batch (tested with torch
 import re
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -70,6 +98,9 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 METHODS = ("grpo", "opd", "kdpo", "kepo")
+HINT_MODES = ("adaptive", "always")  # hints for cliff groups only, or for every group
+CLIFF_TRIGGERS = ("accuracy", "reward")  # a cliff group has no correct rollout, or all rewards zero (the authors')
+MAX_REWARD = 2.0  # r = accuracy + format
 
 
 @dataclass
@@ -92,9 +123,29 @@ class KEPOConfig:
     cliff_trigger: str = "accuracy"  # cliff = no correct rollout ("accuracy") or all-zero reward ("reward")
     max_grad_norm: float = 1.0  # gradient clipping
 
+    def __post_init__(self):
+        """Refuse settings that would silently mean something else, naming the field."""
+        checks = [
+            ("group_size", self.group_size >= 2, "must be >= 2: advantages compare the samples of a group"),
+            ("num_hinted", 1 <= self.num_hinted <= self.group_size, f"must be in [1, group_size={self.group_size}]"),
+            ("beta_jsd", 0 <= self.beta_jsd <= 1, "must be in [0, 1]"),
+            ("tau", self.tau is None or 0 <= self.tau <= MAX_REWARD, f"must be None or in [0, {MAX_REWARD:g}]"),
+            ("hint_mode", self.hint_mode in HINT_MODES, f"must be one of {HINT_MODES}"),
+            ("cliff_trigger", self.cliff_trigger in CLIFF_TRIGGERS, f"must be one of {CLIFF_TRIGGERS}"),
+            ("temperature", self.temperature > 0, "must be > 0: rollouts are sampled"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("max_attempts", self.max_attempts >= 1, "must be >= 1"),
+            ("max_new_tokens", min(self.max_new_tokens, self.max_hint_tokens) >= 1,
+             "and max_hint_tokens must be >= 1"),
+            ("beta_rl", self.beta_rl >= 0, "must be >= 0"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"KEPOConfig.{name}={getattr(self, name)!r} {why}")
+
 
 # ---------------------------------------------------------------------------------------
-# 1. Generation (SPEC 3.1): G samples per prompt from the current student
+# 1. Generation: G samples per prompt from the current student
 # ---------------------------------------------------------------------------------------
 TOKEN_ALIGNED = ("mm_token_type_ids",)  # vision kwargs laid out like input_ids [B, P] (Qwen2-VL's image-token map)
 
@@ -214,7 +265,7 @@ def selective_logps(logits: torch.Tensor, ids: torch.Tensor, temperature: float 
 
 
 # ---------------------------------------------------------------------------------------
-# 2. Reward (SPEC 3.2): r = accuracy + format, each 0 or 1
+# 2. Reward: r = accuracy + format, each 0 or 1
 # ---------------------------------------------------------------------------------------
 _TAG = r"</?(?:think|answer)>"
 _FREE = rf"(?:(?!{_TAG}).)*"  # text without think/answer tags: rejects nested or repeated tags
@@ -250,7 +301,7 @@ def kepo_reward(completions: list[str], answers: list[str]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------
-# 4-5. GRPO: group-relative advantages and the clipped policy-gradient loss
+# 3. GRPO: group-relative advantages and the clipped policy-gradient loss
 # ---------------------------------------------------------------------------------------
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
     """[N] A_i = (r_i - mean_g) / (std_g + eps), unbiased std over consecutive groups of G.
@@ -291,7 +342,7 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
 
 
 # ---------------------------------------------------------------------------------------
-# 6. Quality gate (SPEC 3.6): distil only from trajectories with r_i >= tau
+# 4. Quality gate: distil only from trajectories with r_i >= tau
 # ---------------------------------------------------------------------------------------
 def quality_gate(rewards: torch.Tensor, tau: float | None) -> torch.Tensor:
     """[N] bool, r_i >= tau. tau=None: all False (plain GRPO); tau=0: all True (uniform OPD)."""
@@ -301,7 +352,7 @@ def quality_gate(rewards: torch.Tensor, tau: float | None) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------
-# 7. Token-level teacher divergence (SPEC 3.7): generalized JSD of GKD, on-policy
+# 5. Token-level teacher divergence: the generalized JSD of GKD (arXiv 2306.13649), on-policy
 # ---------------------------------------------------------------------------------------
 def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                     beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
@@ -313,6 +364,8 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     """
     s = (student_logits.float() / temperature).log_softmax(-1)
     t = (teacher_logits.float() / temperature).log_softmax(-1)
+    # F.kl_div(input, target) is KL(target || input), the reverse of the maths' argument order:
+    # F.kl_div(s, t) below is KL(p_T || p_S), and F.kl_div(m, t) is KL(p_T || M)
     if beta == 0:
         per_token = F.kl_div(s, t, reduction="none", log_target=True).sum(-1)
     elif beta == 1:
@@ -362,7 +415,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher, rollouts: Rollouts,
 
 
 # ---------------------------------------------------------------------------------------
-# 3. Hint learning (SPEC 3.3): the teacher writes a hint from the ground truth
+# 6. Hint learning: the teacher writes a hint from the ground truth
 # ---------------------------------------------------------------------------------------
 HINT_RE = re.compile(r"<hint>(.*?)</hint>", re.S)
 
@@ -395,7 +448,7 @@ def write_hints(teacher, tokenizer, requests: PromptBatch, cfg: KEPOConfig,
 
 
 # ---------------------------------------------------------------------------------------
-# 3. Rejection sampling and injection (SPEC 3.3)
+# 7. Rejection sampling and injection: correct hinted samples join the hint-free group
 # ---------------------------------------------------------------------------------------
 def rejection_sample(student, tokenizer, hinted: PromptBatch, answers: list[str], cfg: KEPOConfig,
                      suppress: list[int] = ()) -> list[list[tuple[torch.Tensor, str]]]:
@@ -466,85 +519,114 @@ def knowledge_enhance(student, teacher, tokenizer, rollouts: Rollouts, rewards: 
 
 
 # ---------------------------------------------------------------------------------------
-# 8. Total loss and one training step (SPEC 3.8): policy loss + gated distillation
+# 8. Loss and step: eq. 7, policy loss + gated distillation, one optimizer step
 # ---------------------------------------------------------------------------------------
-def _clock(device) -> float:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
+@contextmanager
+def timed(metrics: dict, key: str, device):
+    """Adds the wall time of the block to metrics[key] (after the device's queued work finishes)."""
+    def clock():
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+    start = clock()
+    yield
+    metrics[key] = metrics.get(key, 0.0) + clock() - start
+
+
+def reference_logps(ref_model, rollouts: Rollouts, logps: torch.Tensor, cfg: KEPOConfig,
+                    suppress: list[int] = ()) -> torch.Tensor | None:
+    """[N, T] log pi_ref of the completions (no grad), or None without a reference model.
+
+    Outside the completion mask they are set equal to the student's: the pad positions hold
+    suppressed ids whose log-probs sit near -1e9, where float32 steps are 128 apart, so
+    ref - logp there could be +-128 and exp(128) = inf; inf * (mask 0) would be NaN.
+    """
+    if ref_model is None:
+        return None
+    with torch.no_grad():
+        ref = selective_logps(completion_logits(ref_model, rollouts, suppress), rollouts.completion_ids,
+                              cfg.temperature)
+    return torch.where(rollouts.completion_mask.bool(), ref, logps.detach())
+
+
+def method_tau(method: str, cfg: KEPOConfig) -> float | None:
+    """The quality gate's threshold per method: grpo none, opd every rollout (r >= 0), kdpo/kepo cfg.tau."""
+    return {"grpo": None, "opd": 0.0}.get(method, cfg.tau)
 
 
 def kepo_loss(student, teacher, rollouts: Rollouts, rewards: torch.Tensor, method: str, cfg: KEPOConfig,
               ref_model=None, suppress: list[int] = ()) -> tuple[torch.Tensor, dict]:
-    """[] total loss for `method` on scored rollouts (rewards [N]) and its parts.
+    """[] the loss of eq. 7 for `method` on scored rollouts (rewards [N]), and its parts for logging.
 
-    grpo: policy loss; opd: JSD on every rollout, no reward term; kdpo: policy loss +
-    gated JSD; kepo: the same as kdpo (its hints already changed the rollouts).
+    loss = policy_loss + distill_coef * gated JSD; opd has no policy term (GKD: the JSD alone),
+    grpo's gate is empty (its distillation term is an exact 0 and runs no teacher).
     """
     logits = completion_logits(student, rollouts, suppress)
     logps = selective_logps(logits, rollouts.completion_ids, cfg.temperature)
     mask, parts = rollouts.completion_mask, {}
-    ref_logps = None
-    if ref_model is not None:
-        with torch.no_grad():
-            ref_logps = selective_logps(completion_logits(ref_model, rollouts, suppress),
-                                        rollouts.completion_ids, cfg.temperature)
+    ref_logps = reference_logps(ref_model, rollouts, logps, cfg, suppress)
+    if method == "opd":
+        policy = logits.new_zeros(())
+    else:
+        policy = policy_loss(logps, logps.detach(), group_advantages(rewards, cfg.group_size), mask, cfg.clip_eps,
+                             ref_logps, cfg.beta_rl)
+    gate = quality_gate(rewards, method_tau(method, cfg)).to(logits.device)
+    with timed(parts, "time/teacher", logits.device):
+        distill = distillation_loss(logits, teacher, rollouts, gate, cfg, suppress)
+    loss = policy + cfg.distill_coef * distill  # eq. 7, negated: J is maximised, the loss minimised
+    parts.update(policy_loss=policy.item(), distill_loss=distill.item(), gate_frac=gate.float().mean().item())
+    if ref_logps is not None:
         parts["kl"] = masked_mean_per_sequence(k3_kl(logps.detach(), ref_logps), mask).item()
-    loss = logits.sum() * 0.0
-    if method != "opd":
-        adv = group_advantages(rewards, cfg.group_size)
-        pg = policy_loss(logps, logps.detach(), adv, mask, cfg.clip_eps, ref_logps, cfg.beta_rl)
-        loss, parts["policy_loss"] = loss + pg, pg.item()
-    if method != "grpo":
-        gate = torch.ones_like(rewards, dtype=torch.bool) if method == "opd" else quality_gate(rewards, cfg.tau)
-        t0 = _clock(logits.device)
-        distill = distillation_loss(logits, teacher, rollouts, gate.to(logits.device), cfg, suppress)
-        loss = loss + cfg.distill_coef * distill
-        parts.update(distill_loss=distill.item(), gate_frac=gate.float().mean().item(),
-                     **{"time/teacher": _clock(logits.device) - t0})
     return loss, parts
+
+
+def check_step_inputs(method: str, teacher, ref_model, hint_prompts, cfg: KEPOConfig, prompts: PromptBatch,
+                      answers: list[str]):
+    """Raise before any sampling if the step cannot run as asked."""
+    if method not in METHODS or (method != "grpo" and teacher is None) or (method == "kepo" and hint_prompts is None):
+        raise ValueError(f"method must be one of {METHODS}; opd/kdpo/kepo need a teacher, kepo needs hint_prompts")
+    if cfg.beta_rl > 0 and ref_model is None:
+        raise ValueError(f"beta_rl={cfg.beta_rl} needs a ref_model (the KL term is to a reference policy)")
+    if len(answers) != len(prompts.input_ids):
+        raise ValueError(f"{len(prompts.input_ids)} prompts but {len(answers)} answers")
 
 
 def kepo_step(student, optimizer, tokenizer, prompts: PromptBatch, answers: list[str], cfg: KEPOConfig,
               method: str = "kepo", teacher=None, ref_model=None, hint_prompts: HintPrompts | None = None) -> dict:
     """One training step on B prompts (answers: [B] letters); returns metrics (TRL names where they exist).
 
-    Sample G rollouts per prompt, score them, (kepo) enhance cliff groups with hints,
-    compute advantages, policy loss + distill_coef * gated JSD, one clipped optimizer step.
+    Sample G rollouts per prompt, score them, (kepo) enhance cliff groups with hints, then
+    the loss of eq. 7 on the (injected) rollouts with rewards recomputed, one clipped optimizer step.
     Multi-GPU: wrap the student in DistributedDataParallel and give every rank its own B
     prompts (the same B on each). Sampling uses the bare module; the loss goes through the
     wrapper, so the update equals a single process's on the whole global batch.
     """
-    if method not in METHODS or (method != "grpo" and teacher is None) or (method == "kepo" and hint_prompts is None):
-        raise ValueError(f"method must be one of {METHODS}; opd/kdpo/kepo need a teacher, kepo needs hint_prompts")
+    check_step_inputs(method, teacher, ref_model, hint_prompts, cfg, prompts, answers)
     policy = student.module if isinstance(student, torch.nn.parallel.DistributedDataParallel) else student
-    dev, g, suppress = prompts.input_ids.device, cfg.group_size, suppressed_ids(tokenizer, policy)
-    t0 = _clock(dev)
-    rollouts = generate_rollouts(policy, tokenizer, prompts, g, temperature=cfg.temperature, top_p=cfg.top_p,
-                                 max_new_tokens=cfg.max_new_tokens, suppress=suppress)
+    dev, g, suppress, metrics = prompts.input_ids.device, cfg.group_size, suppressed_ids(tokenizer, policy), {}
     row_answers = [a for a in answers for _ in range(g)]
-    acc, fmt = accuracy_reward(rollouts.texts, row_answers), format_reward(rollouts.texts)
+    with timed(metrics, "time/generate", dev):
+        rollouts = generate_rollouts(policy, tokenizer, prompts, g, temperature=cfg.temperature, top_p=cfg.top_p,
+                                     max_new_tokens=cfg.max_new_tokens, suppress=suppress)
+        acc, fmt = accuracy_reward(rollouts.texts, row_answers), format_reward(rollouts.texts)
     cliff = cliff_groups(acc, acc + fmt, g, cfg.cliff_trigger)
-    metrics = {"sample_accuracy": acc.mean().item(), "sample_format": fmt.mean().item(),
-               "cliff_groups": len(cliff) / len(answers)}
-    t1 = _clock(dev)
-    if method == "kepo":
+    metrics.update(sample_accuracy=acc.mean().item(), sample_format=fmt.mean().item(),
+                   cliff_groups=len(cliff) / len(answers))
+    with timed(metrics, "time/hints", dev):
         groups = cliff if cfg.hint_mode == "adaptive" else list(range(len(answers)))
-        if groups:
+        if method == "kepo" and groups:
             rollouts, stats = knowledge_enhance(policy, teacher, tokenizer, rollouts, acc + fmt, answers,
                                                 groups, hint_prompts, cfg, suppress)
             metrics.update(stats)
-    rewards = kepo_reward(rollouts.texts, row_answers).to(dev)
-    t2 = _clock(dev)
-    loss, parts = kepo_loss(student, teacher, rollouts, rewards, method, cfg, ref_model, suppress)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
-    optimizer.step()
-    t3 = _clock(dev)
+        rewards = kepo_reward(rollouts.texts, row_answers).to(dev)  # recomputed: injected rows are correct
+    with timed(metrics, "time/loss_backward", dev):
+        loss, parts = kepo_loss(student, teacher, rollouts, rewards, method, cfg, ref_model, suppress)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+        optimizer.step()
     stds = rewards.view(-1, g).std(1)
     metrics.update(parts, loss=loss.item(), grad_norm=grad_norm.item(), reward=rewards.mean().item(),
                    reward_std=stds.mean().item(), frac_reward_zero_std=(stds == 0).float().mean().item(),
-                   **{"completions/mean_length": rollouts.completion_mask.sum(1).float().mean().item(),
-                      "time/generate": t1 - t0, "time/hints": t2 - t1, "time/loss_backward": t3 - t2})
+                   **{"completions/mean_length": rollouts.completion_mask.sum(1).float().mean().item()})
     return metrics

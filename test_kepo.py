@@ -1,234 +1,36 @@
-"""Tests for kepo.py (math against independent computations, behaviour on a tiny VLM) and train_small.py."""
+"""Tests for kepo.py (in its section order: math against independent computations, KEPO's own rules on a
+scripted policy, steps on tiny Hugging Face VLMs) and for train_small.py."""
+import json
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from torch.nn.utils.rnn import pad_sequence
 from transformers import (LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast, Qwen2Config,
                           SiglipVisionConfig)
 
 import kepo
+import train_small as ts
 
 
-# --------------------------------------------------------------------------- generalized JSD
-def hand_jsd(s_logits, t_logits, beta, temperature):
-    """Per-token generalized JSD from probabilities, written independently of kepo.py."""
-    p_s = torch.softmax(s_logits.double() / temperature, -1)
-    p_t = torch.softmax(t_logits.double() / temperature, -1)
-
-    def kl(p, q):
-        return (p * (p.log() - q.log())).sum(-1)
-
-    if beta == 0:
-        return kl(p_t, p_s)
-    if beta == 1:
-        return kl(p_s, p_t)
-    m = beta * p_t + (1 - beta) * p_s
-    return beta * kl(p_t, m) + (1 - beta) * kl(p_s, m)
-
-
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0, 0.1])
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_generalized_jsd_matches_hand_computation(beta, temperature):
-    g = torch.Generator().manual_seed(0)
-    s, t = torch.randn(3, 5, 11, generator=g) * 3, torch.randn(3, 5, 11, generator=g) * 3
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
-    expected = (hand_jsd(s, t, beta, temperature) * mask).sum() / mask.sum()
-    got = kepo.generalized_jsd(s, t, mask, beta=beta, temperature=temperature)
-    assert torch.allclose(got.double(), expected, atol=1e-5)
-
-
-def test_generalized_jsd_endpoints_match_torch_kl_div():
-    s, t = torch.randn(2, 4, 7), torch.randn(2, 4, 7)
-    mask = torch.ones(2, 4)
-    ls, lt = s.log_softmax(-1), t.log_softmax(-1)
-    forward = F.kl_div(ls, lt, reduction="sum", log_target=True) / 8  # KL(teacher || student)
-    reverse = F.kl_div(lt, ls, reduction="sum", log_target=True) / 8  # KL(student || teacher)
-    assert torch.allclose(kepo.generalized_jsd(s, t, mask, beta=0.0), forward, atol=1e-6)
-    assert torch.allclose(kepo.generalized_jsd(s, t, mask, beta=1.0), reverse, atol=1e-6)
-    assert not torch.allclose(forward, reverse)
-
-
-def test_generalized_jsd_zero_for_identical_and_bounded():
-    s = torch.randn(2, 3, 9)
-    assert kepo.generalized_jsd(s, s.clone(), torch.ones(2, 3)).abs() < 1e-6
-    t = torch.randn(2, 3, 9) * 50  # a JSD with beta=0.5 never exceeds log 2
-    assert kepo.generalized_jsd(s, t, torch.ones(2, 3), beta=0.5) <= math.log(2) + 1e-6
-
-
-def test_generalized_jsd_empty_mask_is_finite_zero_with_zero_grad():
-    s = torch.randn(2, 3, 9, requires_grad=True)
-    loss = kepo.generalized_jsd(s, torch.randn(2, 3, 9), torch.zeros(2, 3))
-    loss.backward()
-    assert loss.item() == 0.0 and torch.isfinite(s.grad).all() and (s.grad == 0).all()
-
-
-def test_generalized_jsd_survives_masked_vocabulary():
-    s, t = torch.randn(1, 2, 6), torch.randn(1, 2, 6)
-    s[..., 0] = t[..., 0] = -1e9  # suppressed token, as completion_logits masks it
-    s.requires_grad_(True)
-    loss = kepo.generalized_jsd(s, t, torch.ones(1, 2))
-    loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
-
-
-# --------------------------------------------------------------------------- GRPO pieces
-def test_group_advantages_by_hand():
-    r = torch.tensor([0.0, 1.0, 2.0, 1.0, 2.0, 2.0, 2.0, 2.0])
-    adv = kepo.group_advantages(r, 4)
-    g1 = r[:4]
-    mean, std = g1.mean().item(), math.sqrt(sum((x - g1.mean().item()) ** 2 for x in g1.tolist()) / 3)
-    expected = [(x - mean) / (std + 1e-4) for x in g1.tolist()] + [0.0] * 4
-    assert torch.allclose(adv, torch.tensor(expected), atol=1e-6)
-    assert (adv[4:] == 0).all()  # all-equal group: exactly zero, not NaN
-
-
-@pytest.mark.parametrize("group_size", [1, 3])
-def test_group_advantages_rejects_bad_group_size(group_size):
-    with pytest.raises(ValueError, match="group_size"):
-        kepo.group_advantages(torch.zeros(8), group_size)
-
-
-def test_policy_loss_at_ratio_one_value_and_gradient():
-    logps = torch.randn(3, 4, requires_grad=True)
-    adv = torch.tensor([1.5, -0.5, 0.0])
-    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
-    loss = kepo.policy_loss(logps, logps.detach(), adv, mask)
-    loss.backward()
-    assert torch.allclose(loss, -adv.mean())  # ratio 1: each sequence's token mean is -A_i
-    lengths = mask.sum(1, keepdim=True).float()
-    assert torch.allclose(logps.grad, -adv[:, None] * mask / lengths / 3)
-
-
-def test_policy_loss_clipping():
-    old = torch.zeros(2, 2)
-    logps = torch.full((2, 2), 0.5, requires_grad=True)  # ratio e^0.5 ~ 1.65 > 1 + eps
-    adv = torch.tensor([1.0, -1.0])
-    loss = kepo.policy_loss(logps, old, adv, torch.ones(2, 2), clip_eps=0.2)
-    loss.backward()
-    r = math.exp(0.5)
-    assert math.isclose(loss.item(), (-1.2 + r) / 2, rel_tol=1e-6)  # A>0 clipped, A<0 not
-    assert torch.allclose(logps.grad[0], torch.zeros(2))  # clipped: no gradient
-    assert torch.allclose(logps.grad[1], torch.full((2,), r / 4))
-
-
-def test_k3_kl_nonnegative_and_added_with_beta():
-    logps, ref = torch.randn(4, 6), torch.randn(4, 6)
-    k3 = kepo.k3_kl(logps, ref)
-    assert (k3 >= 0).all() and kepo.k3_kl(ref, ref).abs().max() == 0
-    mask, adv = torch.ones(4, 6), torch.zeros(4)
-    loss = kepo.policy_loss(logps, logps, adv, mask, ref_logps=ref, beta=0.1)
-    assert torch.allclose(loss, 0.1 * k3.mean())
-
-
-def test_quality_gate_edges():
-    r = torch.tensor([0.0, 1.0, 2.0, 1.0])
-    assert kepo.quality_gate(r, None).tolist() == [False] * 4
-    assert kepo.quality_gate(r, 0.0).tolist() == [True] * 4
-    assert kepo.quality_gate(r, 1.0).tolist() == [False, True, True, True]
-    assert kepo.quality_gate(r, 2.0).tolist() == [False, False, True, False]
-
-
-# --------------------------------------------------------------------------- rewards
-REWARD_TABLE = [  # text, answer, format, accuracy
-    ("<think>round lesion</think><answer>B</answer>", "B", 1, 1),
-    ("  <think> x </think>\n<answer> b </answer>\n", "B", 1, 1),
-    ("<think>x</think><answer>(C)</answer>", "C", 1, 1),
-    ("<think>x</think><answer>C. cyst</answer>", "C", 1, 1),
-    ("<think>x</think><answer>Cyst</answer>", "C", 1, 0),
-    ("<think>x</think><answer>B</answer>", "A", 1, 0),
-    ("<think>x</think><answer></answer>", "A", 1, 0),
-    ("<answer>B</answer>", "B", 0, 1),
-    ("<think>x</think>", "B", 0, 0),
-    ("<think>x</think><answer>B</answer> trailing", "B", 0, 1),
-    ("<think>x</think><answer>A</answer><answer>B</answer>", "B", 0, 1),
-    ("<think><think>x</think></think><answer>B</answer>", "B", 0, 1),
-    ("<think>x</think><answer>B", "B", 0, 0),
-    ("", "A", 0, 0),
-    ("\u00e9\u6f22\U0001f600<answer>\u00c4</answer>", "A", 0, 0),
-    ("<think>\u6f22\u5b57</think><answer>D</answer>", "d", 1, 1),
-]
-
-
-@pytest.mark.parametrize("text,answer,fmt,acc", REWARD_TABLE)
-def test_rewards_on_tricky_strings(text, answer, fmt, acc):
-    assert kepo.format_reward([text]).item() == fmt
-    assert kepo.accuracy_reward([text], [answer]).item() == acc
-    assert kepo.kepo_reward([text], [answer]).item() == fmt + acc
-
-
-def test_accuracy_reward_length_mismatch_is_an_error():
-    with pytest.raises(ValueError, match="2 completions but 1 answers"):
-        kepo.accuracy_reward(["a", "b"], ["A"])
-
-
-def test_extract_hint():
-    assert kepo.extract_hint("blah <hint> look at the size </hint> rest") == "look at the size"
-    assert kepo.extract_hint("<hint>   </hint>") is None
-    assert kepo.extract_hint("no hint here") is None
-    assert kepo.extract_hint("<hint>unclosed") is None
-
-
-# --------------------------------------------------------------------------- plumbing
-def test_completion_mask_stops_at_first_eos():
-    ids = torch.tensor([[5, 6, 2, 0, 0], [5, 2, 2, 2, 2], [5, 6, 7, 8, 9]])
-    assert kepo.completion_mask(ids, eos_id=2).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1] * 5]
-
-
-def test_index_vision_batch_first_and_grid():
-    pv = torch.arange(3)[:, None, None, None].expand(3, 3, 2, 2).float()
-    out = kepo.index_vision({"pixel_values": pv}, torch.tensor([2, 2, 0]))
-    assert out["pixel_values"][:, 0, 0, 0].tolist() == [2, 2, 0]
-    grid = torch.tensor([[1, 2, 2], [1, 1, 2], [1, 2, 1]])  # 4, 2 and 2 patches
-    patches = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2]).float()[:, None]
-    out = kepo.index_vision({"pixel_values": patches, "image_grid_thw": grid}, torch.tensor([1, 1, 0]))
-    assert out["pixel_values"].squeeze(1).tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
-    assert out["image_grid_thw"].tolist() == [[1, 1, 2], [1, 1, 2], [1, 2, 2]]
-
-
-def make_rollouts(completions):
-    """Rollouts with distinct prompt ids per row, completions given as lists of ids."""
-    n = len(completions)
-    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(c) for c in completions], batch_first=True)
-    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(c), dtype=torch.int) for c in completions],
-                                           batch_first=True)
-    prompts = kepo.PromptBatch(torch.arange(n)[:, None] + 100, torch.ones(n, 1, dtype=torch.long),
-                               {"pixel_values": torch.arange(n).float()[:, None]})
-    return kepo.Rollouts(prompts, ids, mask, [f"t{i}" for i in range(n)])
-
-
-def test_inject_replaces_distinct_failed_slots_and_keeps_hint_free_prompts():
-    g = 4
-    r = make_rollouts([[i + 10] * (1 + i % 3) for i in range(12)])
-    rewards = torch.tensor([1.0, 0, 2, 0, 0, 0, 0, 0, 2, 1, 0, 1])
-    new = [(torch.tensor([7, 7, 7, 7, 7]), "h0"), (torch.tensor([8]), "h1")]
-    out = kepo.inject(r, rewards, g, {0: new, 2: new[:1]}, pad_id=0)
-    # group 0: the two reward-0 rows (1, 3) are replaced, in order; the correct ones survive
-    assert out.texts[:4] == ["t0", "h0", "t2", "h1"]
-    assert out.completion_ids[1].tolist() == [7] * 5 and out.completion_mask[1].sum() == 5
-    assert out.completion_ids[3].tolist() == [8, 0, 0, 0, 0] and out.completion_mask[3].tolist() == [1, 0, 0, 0, 0]
-    # group 2: only its lowest-reward row (10) is replaced
-    assert out.texts[8:] == ["t8", "t9", "h0", "t11"]
-    # group 1 untouched, and every prompt is the original hint-free one
-    assert out.texts[4:8] == r.texts[4:8]
-    for i in list(range(4, 8)) + [0, 2, 8, 9, 11]:
-        n = int(r.completion_mask[i].sum())
-        assert out.completion_ids[i, :n].tolist() == r.completion_ids[i, :n].tolist()
-    assert torch.equal(out.prompts.input_ids, r.prompts.input_ids)
-    assert torch.equal(out.prompts.vision["pixel_values"], r.prompts.vision["pixel_values"])
-
-
-def test_cliff_groups_trigger_criteria():
-    acc = torch.tensor([0.0, 0, 1, 0, 0, 0])
-    fmt = torch.tensor([1.0, 0, 0, 0, 0, 0])
-    assert kepo.cliff_groups(acc, acc + fmt, 2, "accuracy") == [0, 2]
-    assert kepo.cliff_groups(acc, acc + fmt, 2, "reward") == [2]
-
-
-# --------------------------------------------------------------------------- a tiny HF VLM
+# ---------------------------------------------------------------------------------------
+# Test helpers: a tiny Hugging Face VLM, a scripted policy, independent formulas
+# ---------------------------------------------------------------------------------------
 WORDS = "what finding is shown options a b c d look at lesion large small round answer hint".split()
+
+
 TAGS = ["<think>", "</think>", "<answer>", "</answer>", "<hint>", "</hint>"]
+
+
 N_IMG = 4  # image tokens per prompt: a 16x16 image in 8x8 patches
 
 
@@ -273,7 +75,144 @@ def on(batch: kepo.PromptBatch, device) -> kepo.PromptBatch:
 
 # the GPU cases run where CUDA is present (they were run on an H200, see README) and are skipped elsewhere
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
 ATOL = {"cpu": 1e-5, "cuda": 1e-4}  # cuDNN may pick TF32 convolutions for the patch embedding
+
+
+def make_rollouts(completions):
+    """Rollouts with distinct prompt ids per row, completions given as lists of ids."""
+    n = len(completions)
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(c) for c in completions], batch_first=True)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(c), dtype=torch.int) for c in completions],
+                                           batch_first=True)
+    prompts = kepo.PromptBatch(torch.arange(n)[:, None] + 100, torch.ones(n, 1, dtype=torch.long),
+                               {"pixel_values": torch.arange(n).float()[:, None]})
+    return kepo.Rollouts(prompts, ids, mask, [f"t{i}" for i in range(n)])
+
+
+class ScriptedVLM(torch.nn.Module):
+    """A tiny LLaVA for every forward pass, whose `generate` writes rule(row_index, prompt_ids) instead of sampling.
+
+    Records the batch size of every forward and generate call, so tests can count teacher work.
+    """
+
+    def __init__(self, tok, rule, hidden=32, seed=0, logit_offset=0.0):
+        super().__init__()
+        self.model, self.tok, self.rule, self.calls = tiny_vlm(tok, hidden, seed), tok, rule, []
+        self.config, self.logit_offset = self.model.config, logit_offset
+
+    def forward(self, **kwargs):
+        self.calls.append(("forward", len(kwargs["input_ids"])))
+        out = self.model(**kwargs)
+        out.logits = out.logits + self.logit_offset  # the same distribution: softmax ignores a constant
+        return out
+
+    def generate(self, input_ids, **kwargs):
+        self.calls.append(("generate", len(input_ids)))
+        texts = [self.rule(i, row) for i, row in enumerate(input_ids.tolist())]
+        seqs = [torch.tensor(self.tok(t).input_ids + [self.tok.eos_token_id]) for t in texts]
+        return torch.cat([input_ids, pad_sequence(seqs, batch_first=True, padding_value=self.tok.pad_token_id)], 1)
+
+
+def answer(letter):
+    return f"<think> look </think> <answer> {letter} </answer>"
+
+
+def hinted_student(tok, wrong="c"):
+    """Answers right (the letter after "answer" in the v1 hinted prompt) with a hint, `wrong` without one."""
+    hint_id, answer_id = tok.convert_tokens_to_ids("hint"), tok.convert_tokens_to_ids("answer")
+    return lambda i, row: answer(tok.decode(row[row.index(answer_id) + 1])) if hint_id in row else answer(wrong)
+
+
+def scripted_setup(tok, answers=("b", "a"), teacher_rule=lambda i, row: "<hint> look at lesion </hint>", **cfg):
+    student, teacher = ScriptedVLM(tok, hinted_student(tok)), ScriptedVLM(tok, teacher_rule, hidden=48, seed=1)
+    prompts = prompt_batch(tok, ["what is shown"] * len(answers))
+    hints = kepo.HintPrompts(request=prompts.select,
+                             hinted=lambda idx, h: prompt_batch(tok, [f"hint {x} answer {answers[i]}"
+                                                                      for i, x in zip(idx, h)]))
+    config = kepo.KEPOConfig(**{"group_size": 4, "max_new_tokens": 8, "num_hinted": 2, "max_attempts": 1, **cfg})
+    return student, teacher, prompts, hints, config
+
+
+def step_setup(tokenizer, device="cpu", **cfg):
+    student, teacher = tiny_vlm(tokenizer, 32, seed=0).to(device), tiny_vlm(tokenizer, 48, seed=1).to(device)
+    prompts = prompt_batch(tokenizer, ["what finding is shown options a b", "what is shown options a b"],
+                           device=device)
+    config = kepo.KEPOConfig(**{"group_size": 4, "max_new_tokens": 6, "max_hint_tokens": 6, "max_attempts": 2,
+                                **cfg})
+    hint_prompts = kepo.HintPrompts(
+        request=lambda idx: prompts.select(idx),
+        hinted=lambda idx, hints: prompt_batch(tokenizer, [f"hint {h} what is shown" for h in hints], device=device))
+    return student, teacher, prompts, config, hint_prompts
+
+
+def tiny_qwen2_vl(seed=0, device="cpu"):
+    """A Qwen2-VL (flattened patches + image_grid_thw + mm_token_type_ids) and inputs built by hand."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    from PIL import Image
+    special = ["<pad>", "<bos>", "<eos>", "<unk>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
+    vocab = {w: i for i, w in enumerate(special + WORDS + TAGS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                  unk_token="<unk>", padding_side="left")
+    image_id = vocab["<|image_pad|>"]
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2)
+    vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(
+        text_config=text, vision_config=vision, image_token_id=image_id, video_token_id=3,
+        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"]))
+    images = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56)(
+        [Image.new("RGB", (56, 56), (i * 90, 30, 30)) for i in range(2)], return_tensors="pt")
+    n_image = (images["image_grid_thw"].prod(-1) // 4).tolist()  # 2x2 patches merge into one token
+    texts = [f"<|vision_start|> {' '.join(['<|image_pad|>'] * n)} <|vision_end|> {q}"
+             for n, q in zip(n_image, ["what finding is shown options a b", "what is shown"])]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    vis = {"pixel_values": images["pixel_values"], "image_grid_thw": images["image_grid_thw"],
+           "mm_token_type_ids": (enc.input_ids == image_id).long()}
+    return model.to(device), tok, on(kepo.PromptBatch(enc.input_ids, enc.attention_mask, vis), device)
+
+
+def hand_jsd(s_logits, t_logits, beta, temperature):
+    """Per-token generalized JSD from probabilities, written independently of kepo.py."""
+    p_s = torch.softmax(s_logits.double() / temperature, -1)
+    p_t = torch.softmax(t_logits.double() / temperature, -1)
+
+    def kl(p, q):
+        return (p * (p.log() - q.log())).sum(-1)
+
+    if beta == 0:
+        return kl(p_t, p_s)
+    if beta == 1:
+        return kl(p_s, p_t)
+    m = beta * p_t + (1 - beta) * p_s
+    return beta * kl(p_t, m) + (1 - beta) * kl(p_s, m)
+
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Generation: G samples per prompt from the current student
+# ---------------------------------------------------------------------------------------
+def test_completion_mask_stops_at_first_eos():
+    ids = torch.tensor([[5, 6, 2, 0, 0], [5, 2, 2, 2, 2], [5, 6, 7, 8, 9]])
+    assert kepo.completion_mask(ids, eos_id=2).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1] * 5]
+
+
+def test_index_vision_batch_first_and_grid():
+    pv = torch.arange(3)[:, None, None, None].expand(3, 3, 2, 2).float()
+    out = kepo.index_vision({"pixel_values": pv}, torch.tensor([2, 2, 0]))
+    assert out["pixel_values"][:, 0, 0, 0].tolist() == [2, 2, 0]
+    grid = torch.tensor([[1, 2, 2], [1, 1, 2], [1, 2, 1]])  # 4, 2 and 2 patches
+    patches = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2]).float()[:, None]
+    out = kepo.index_vision({"pixel_values": patches, "image_grid_thw": grid}, torch.tensor([1, 1, 0]))
+    assert out["pixel_values"].squeeze(1).tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert out["image_grid_thw"].tolist() == [[1, 1, 2], [1, 1, 2], [1, 2, 2]]
 
 
 def test_generation_shapes_masks_and_logps(tokenizer):
@@ -325,99 +264,6 @@ def test_greedy_generation_is_deterministic(tokenizer):
     assert torch.equal(a.completion_ids, b.completion_ids) and a.texts[0] == a.texts[1]
 
 
-def step_setup(tokenizer, device="cpu", **cfg):
-    student, teacher = tiny_vlm(tokenizer, 32, seed=0).to(device), tiny_vlm(tokenizer, 48, seed=1).to(device)
-    prompts = prompt_batch(tokenizer, ["what finding is shown options a b", "what is shown options a b"],
-                           device=device)
-    config = kepo.KEPOConfig(**{"group_size": 4, "max_new_tokens": 6, "max_hint_tokens": 6, "max_attempts": 2,
-                                **cfg})
-    hint_prompts = kepo.HintPrompts(
-        request=lambda idx: prompts.select(idx),
-        hinted=lambda idx, hints: prompt_batch(tokenizer, [f"hint {h} what is shown" for h in hints], device=device))
-    return student, teacher, prompts, config, hint_prompts
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_kepo_step_runs_and_changes_weights(tokenizer, device):
-    student, teacher, prompts, cfg, hints = step_setup(tokenizer, device, tau=0.0, hint_mode="always")
-    before = [p.detach().clone() for p in student.parameters()]
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-2, weight_decay=0.0)
-    torch.manual_seed(0)
-    m = kepo.kepo_step(student, opt, tokenizer, prompts, ["A", "B"], cfg, method="kepo", teacher=teacher,
-                       ref_model=tiny_vlm(tokenizer).to(device), hint_prompts=hints)
-    assert math.isfinite(m["loss"]) and m["distill_loss"] > 0 and m["gate_frac"] == 1.0
-    assert m["hint_groups"] == 2 and 0 <= m["hint_accept_rate"] <= 1 and m["kl"] >= 0
-    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
-    for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "cliff_groups"):
-        assert math.isfinite(m[key])
-
-
-def test_empty_gate_gives_finite_zero_distillation(tokenizer):
-    student, teacher, prompts, cfg, hints = step_setup(tokenizer, tau=2.0, max_new_tokens=2)
-    opt = torch.optim.SGD(student.parameters(), lr=0.1)
-    torch.manual_seed(0)
-    m = kepo.kepo_step(student, opt, tokenizer, prompts, ["A", "B"], cfg, method="kdpo", teacher=teacher)
-    assert m["distill_loss"] == 0.0 and m["gate_frac"] == 0.0 and math.isfinite(m["loss"])
-
-
-def test_grpo_all_equal_rewards_give_zero_policy_gradient(tokenizer):
-    # two new tokens cannot hold an <answer> tag: every reward is 0, every advantage 0
-    student, _, prompts, cfg, _ = step_setup(tokenizer, max_new_tokens=2)
-    opt = torch.optim.SGD(student.parameters(), lr=0.1)
-    torch.manual_seed(0)
-    m = kepo.kepo_step(student, opt, tokenizer, prompts, ["A", "B"], cfg, method="grpo")
-    assert m["reward"] == 0 and m["frac_reward_zero_std"] == 1.0 and m["cliff_groups"] == 1.0
-    grads = [p.grad for p in student.parameters() if p.grad is not None]
-    assert grads and all((g == 0).all() for g in grads)
-
-
-def test_opd_step_uses_every_rollout(tokenizer):
-    student, teacher, prompts, cfg, _ = step_setup(tokenizer, tau=None)
-    opt = torch.optim.SGD(student.parameters(), lr=0.1)
-    m = kepo.kepo_step(student, opt, tokenizer, prompts, ["A", "B"], cfg, method="opd", teacher=teacher)
-    assert m["gate_frac"] == 1.0 and m["distill_loss"] > 0 and "policy_loss" not in m
-
-
-def test_step_rejects_missing_teacher_or_unknown_method(tokenizer):
-    student, _, prompts, cfg, _ = step_setup(tokenizer)
-    opt = torch.optim.SGD(student.parameters(), lr=0.1)
-    for method in ("kepo", "ppo"):
-        with pytest.raises(ValueError, match="method must be one of"):
-            kepo.kepo_step(student, opt, tokenizer, prompts, ["A", "B"], cfg, method=method)
-
-
-def tiny_qwen2_vl(seed=0, device="cpu"):
-    """A Qwen2-VL (flattened patches + image_grid_thw + mm_token_type_ids) and inputs built by hand."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
-    from PIL import Image
-    special = ["<pad>", "<bos>", "<eos>", "<unk>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
-    vocab = {w: i for i, w in enumerate(special + WORDS + TAGS)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-                                  unk_token="<unk>", padding_side="left")
-    image_id = vocab["<|image_pad|>"]
-    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, pad_token_id=0, bos_token_id=1,
-                eos_token_id=2)
-    vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2)
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(
-        text_config=text, vision_config=vision, image_token_id=image_id, video_token_id=3,
-        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"]))
-    images = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56)(
-        [Image.new("RGB", (56, 56), (i * 90, 30, 30)) for i in range(2)], return_tensors="pt")
-    n_image = (images["image_grid_thw"].prod(-1) // 4).tolist()  # 2x2 patches merge into one token
-    texts = [f"<|vision_start|> {' '.join(['<|image_pad|>'] * n)} <|vision_end|> {q}"
-             for n, q in zip(n_image, ["what finding is shown options a b", "what is shown"])]
-    enc = tok(texts, return_tensors="pt", padding=True)
-    vis = {"pixel_values": images["pixel_values"], "image_grid_thw": images["image_grid_thw"],
-           "mm_token_type_ids": (enc.input_ids == image_id).long()}
-    return model.to(device), tok, on(kepo.PromptBatch(enc.input_ids, enc.attention_mask, vis), device)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_qwen2_vl_flattened_patches_score_and_train(device):
     model, tok, prompts = tiny_qwen2_vl(device=device)
@@ -442,20 +288,249 @@ def test_qwen2_vl_flattened_patches_score_and_train(device):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-class Scripted(torch.nn.Module):
-    """A stand-in policy whose generate writes a fixed text after every prompt."""
+# ---------------------------------------------------------------------------------------
+# 2. Reward: r = accuracy + format, each 0 or 1
+# ---------------------------------------------------------------------------------------
+REWARD_TABLE = [  # text, answer, format, accuracy
+    ("<think>round lesion</think><answer>B</answer>", "B", 1, 1),
+    ("  <think> x </think>\n<answer> b </answer>\n", "B", 1, 1),
+    ("<think>x</think><answer>(C)</answer>", "C", 1, 1),
+    ("<think>x</think><answer>C. cyst</answer>", "C", 1, 1),
+    ("<think>x</think><answer>Cyst</answer>", "C", 1, 0),
+    ("<think>x</think><answer>B</answer>", "A", 1, 0),
+    ("<think>x</think><answer></answer>", "A", 1, 0),
+    ("<answer>B</answer>", "B", 0, 1),
+    ("<think>x</think>", "B", 0, 0),
+    ("<think>x</think><answer>B</answer> trailing", "B", 0, 1),
+    ("<think>x</think><answer>A</answer><answer>B</answer>", "B", 0, 1),
+    ("<think><think>x</think></think><answer>B</answer>", "B", 0, 1),
+    ("<think>x</think><answer>B", "B", 0, 0),
+    ("", "A", 0, 0),
+    ("\u00e9\u6f22\U0001f600<answer>\u00c4</answer>", "A", 0, 0),
+    ("<think>\u6f22\u5b57</think><answer>D</answer>", "d", 1, 1),
+]
 
-    def __init__(self, tok, text):
-        super().__init__()
-        self.ids = torch.tensor(tok(text).input_ids + [tok.eos_token_id])
 
-    def generate(self, input_ids, **kwargs):
-        return torch.cat([input_ids, self.ids.expand(len(input_ids), -1)], 1)
+@pytest.mark.parametrize("text,answer,fmt,acc", REWARD_TABLE)
+def test_rewards_on_tricky_strings(text, answer, fmt, acc):
+    assert kepo.format_reward([text]).item() == fmt
+    assert kepo.accuracy_reward([text], [answer]).item() == acc
+    assert kepo.kepo_reward([text], [answer]).item() == fmt + acc
+
+
+def test_accuracy_reward_length_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="2 completions but 1 answers"):
+        kepo.accuracy_reward(["a", "b"], ["A"])
+
+
+# ---------------------------------------------------------------------------------------
+# 3. GRPO: group-relative advantages and the clipped policy-gradient loss
+# ---------------------------------------------------------------------------------------
+def test_group_advantages_by_hand():
+    r = torch.tensor([0.0, 1.0, 2.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    adv = kepo.group_advantages(r, 4)
+    g1 = r[:4]
+    mean, std = g1.mean().item(), math.sqrt(sum((x - g1.mean().item()) ** 2 for x in g1.tolist()) / 3)
+    expected = [(x - mean) / (std + 1e-4) for x in g1.tolist()] + [0.0] * 4
+    assert torch.allclose(adv, torch.tensor(expected), atol=1e-6)
+    assert (adv[4:] == 0).all()  # all-equal group: exactly zero, not NaN
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_group_advantages_rejects_bad_group_size(group_size):
+    with pytest.raises(ValueError, match="group_size"):
+        kepo.group_advantages(torch.zeros(8), group_size)
+
+
+def test_policy_loss_at_ratio_one_value_and_gradient():
+    logps = torch.randn(3, 4, requires_grad=True)
+    adv = torch.tensor([1.5, -0.5, 0.0])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    loss = kepo.policy_loss(logps, logps.detach(), adv, mask)
+    loss.backward()
+    assert torch.allclose(loss, -adv.mean())  # ratio 1: each sequence's token mean is -A_i
+    lengths = mask.sum(1, keepdim=True).float()
+    assert torch.allclose(logps.grad, -adv[:, None] * mask / lengths / 3)
+
+
+def test_policy_loss_clipping():
+    old = torch.zeros(2, 2)
+    logps = torch.full((2, 2), 0.5, requires_grad=True)  # ratio e^0.5 ~ 1.65 > 1 + eps
+    adv = torch.tensor([1.0, -1.0])
+    loss = kepo.policy_loss(logps, old, adv, torch.ones(2, 2), clip_eps=0.2)
+    loss.backward()
+    r = math.exp(0.5)
+    assert math.isclose(loss.item(), (-1.2 + r) / 2, rel_tol=1e-6)  # A>0 clipped, A<0 not
+    assert torch.allclose(logps.grad[0], torch.zeros(2))  # clipped: no gradient
+    assert torch.allclose(logps.grad[1], torch.full((2,), r / 4))
+
+
+def test_k3_kl_nonnegative_and_added_with_beta():
+    logps, ref = torch.randn(4, 6), torch.randn(4, 6)
+    k3 = kepo.k3_kl(logps, ref)
+    assert (k3 >= 0).all() and kepo.k3_kl(ref, ref).abs().max() == 0
+    mask, adv = torch.ones(4, 6), torch.zeros(4)
+    loss = kepo.policy_loss(logps, logps, adv, mask, ref_logps=ref, beta=0.1)
+    assert torch.allclose(loss, 0.1 * k3.mean())
+
+
+def test_grpo_all_equal_rewards_give_zero_policy_gradient(tokenizer):
+    # two new tokens cannot hold an <answer> tag: every reward is 0, every advantage 0
+    student, _, prompts, cfg, _ = step_setup(tokenizer, max_new_tokens=2)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    torch.manual_seed(0)
+    m = kepo.kepo_step(student, opt, tokenizer, prompts, ["A", "B"], cfg, method="grpo")
+    assert m["reward"] == 0 and m["frac_reward_zero_std"] == 1.0 and m["cliff_groups"] == 1.0
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and all((g == 0).all() for g in grads)
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Quality gate: distil only from trajectories with r_i >= tau
+# ---------------------------------------------------------------------------------------
+def test_quality_gate_edges():
+    r = torch.tensor([0.0, 1.0, 2.0, 1.0])
+    assert kepo.quality_gate(r, None).tolist() == [False] * 4
+    assert kepo.quality_gate(r, 0.0).tolist() == [True] * 4
+    assert kepo.quality_gate(r, 1.0).tolist() == [False, True, True, True]
+    assert kepo.quality_gate(r, 2.0).tolist() == [False, False, True, False]
+
+
+def test_empty_gate_gives_finite_zero_distillation(tokenizer):
+    student, teacher, prompts, cfg, hints = step_setup(tokenizer, tau=2.0, max_new_tokens=2)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    torch.manual_seed(0)
+    m = kepo.kepo_step(student, opt, tokenizer, prompts, ["A", "B"], cfg, method="kdpo", teacher=teacher)
+    assert m["distill_loss"] == 0.0 and m["gate_frac"] == 0.0 and math.isfinite(m["loss"])
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Token-level teacher divergence: the generalized JSD of GKD (arXiv 2306.13649), on-policy
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0, 0.1])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_generalized_jsd_matches_hand_computation(beta, temperature):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 5, 11, generator=g) * 3, torch.randn(3, 5, 11, generator=g) * 3
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    expected = (hand_jsd(s, t, beta, temperature) * mask).sum() / mask.sum()
+    got = kepo.generalized_jsd(s, t, mask, beta=beta, temperature=temperature)
+    assert torch.allclose(got.double(), expected, atol=1e-5)
+
+
+def test_generalized_jsd_endpoints_match_torch_kl_div():
+    s, t = torch.randn(2, 4, 7), torch.randn(2, 4, 7)
+    mask = torch.ones(2, 4)
+    ls, lt = s.log_softmax(-1), t.log_softmax(-1)
+    forward = F.kl_div(ls, lt, reduction="sum", log_target=True) / 8  # KL(teacher || student)
+    reverse = F.kl_div(lt, ls, reduction="sum", log_target=True) / 8  # KL(student || teacher)
+    assert torch.allclose(kepo.generalized_jsd(s, t, mask, beta=0.0), forward, atol=1e-6)
+    assert torch.allclose(kepo.generalized_jsd(s, t, mask, beta=1.0), reverse, atol=1e-6)
+    assert not torch.allclose(forward, reverse)
+
+
+def test_generalized_jsd_zero_for_identical_and_bounded():
+    s = torch.randn(2, 3, 9)
+    assert kepo.generalized_jsd(s, s.clone(), torch.ones(2, 3)).abs() < 1e-6
+    t = torch.randn(2, 3, 9) * 50  # a JSD with beta=0.5 never exceeds log 2
+    assert kepo.generalized_jsd(s, t, torch.ones(2, 3), beta=0.5) <= math.log(2) + 1e-6
+
+
+def test_generalized_jsd_empty_mask_is_finite_zero_with_zero_grad():
+    s = torch.randn(2, 3, 9, requires_grad=True)
+    loss = kepo.generalized_jsd(s, torch.randn(2, 3, 9), torch.zeros(2, 3))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(s.grad).all() and (s.grad == 0).all()
+
+
+def test_generalized_jsd_survives_masked_vocabulary():
+    s, t = torch.randn(1, 2, 6), torch.randn(1, 2, 6)
+    s[..., 0] = t[..., 0] = -1e9  # suppressed token, as completion_logits masks it
+    s.requires_grad_(True)
+    loss = kepo.generalized_jsd(s, t, torch.ones(1, 2))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+
+
+def test_teacher_runs_only_on_gated_rows(tokenizer):
+    student, teacher, prompts, _, cfg = scripted_setup(tokenizer)
+    ids = torch.randint(5, len(tokenizer), (8, 3), generator=torch.Generator().manual_seed(0))
+    rollouts = kepo.Rollouts(prompts.select([0] * 4 + [1] * 4), ids, torch.ones(8, 3, dtype=torch.int), [""] * 8)
+    logits = kepo.completion_logits(student, rollouts)
+    gate = torch.tensor([1, 0, 0, 1, 0, 1, 0, 0], dtype=torch.bool)
+    loss = kepo.distillation_loss(logits, teacher, rollouts, gate, cfg)
+    assert teacher.calls == [("forward", 3)] and loss > 0
+    teacher.calls.clear()
+    empty = kepo.distillation_loss(logits, teacher, rollouts, torch.zeros(8, dtype=torch.bool), cfg)
+    assert teacher.calls == [] and empty.item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# 6. Hint learning: the teacher writes a hint from the ground truth
+# ---------------------------------------------------------------------------------------
+def test_extract_hint():
+    assert kepo.extract_hint("blah <hint> look at the size </hint> rest") == "look at the size"
+    assert kepo.extract_hint("<hint>   </hint>") is None
+    assert kepo.extract_hint("no hint here") is None
+    assert kepo.extract_hint("<hint>unclosed") is None
+
+
+def test_groups_without_a_hint_tag_are_not_sampled(tokenizer):
+    rule = lambda i, row: "<hint> look at lesion </hint>" if i == 0 else "look at lesion"  # noqa: E731
+    student, teacher, prompts, hints, cfg = scripted_setup(tokenizer, teacher_rule=rule)
+    assert kepo.write_hints(teacher, tokenizer, prompts, cfg) == ["look at lesion", None]
+    rollouts = kepo.generate_rollouts(student, tokenizer, prompts, 4, temperature=1.0, max_new_tokens=8)
+    out, stats = kepo.knowledge_enhance(student, teacher, tokenizer, rollouts, torch.ones(8), ["B", "A"], [0, 1],
+                                        hints, cfg)
+    assert stats["hint_written"] == 1 and stats["hint_injected"] == 2
+    assert student.calls[-1] == ("generate", 2)  # K = 2 hinted samples of group 0 only
+    assert out.texts == [answer("b")] * 2 + [answer("c")] * 6
+
+
+# ---------------------------------------------------------------------------------------
+# 7. Rejection sampling and injection: correct hinted samples join the hint-free group
+# ---------------------------------------------------------------------------------------
+def test_rejection_sampling_keeps_each_correct_sample(tokenizer):
+    """K = 2, one correct sample of two per try: per-sample acceptance keeps it; all-or-nothing would keep none."""
+    student = ScriptedVLM(tokenizer, lambda i, row: answer("b" if i % 2 == 0 else "c"))
+    hinted = prompt_batch(tokenizer, ["hint look answer b"])
+    for attempts, kept in ((1, 1), (2, 2)):
+        cfg = kepo.KEPOConfig(group_size=4, num_hinted=2, max_attempts=attempts, max_new_tokens=8)
+        accepted = kepo.rejection_sample(student, tokenizer, hinted, ["B"], cfg)
+        assert len(accepted[0]) == kept and all(text == answer("b") for _, text in accepted[0])
+
+
+def test_cliff_groups_trigger_criteria():
+    acc = torch.tensor([0.0, 0, 1, 0, 0, 0])
+    fmt = torch.tensor([1.0, 0, 0, 0, 0, 0])
+    assert kepo.cliff_groups(acc, acc + fmt, 2, "accuracy") == [0, 2]
+    assert kepo.cliff_groups(acc, acc + fmt, 2, "reward") == [2]
+
+
+def test_inject_replaces_distinct_failed_slots_and_keeps_hint_free_prompts():
+    g = 4
+    r = make_rollouts([[i + 10] * (1 + i % 3) for i in range(12)])
+    rewards = torch.tensor([1.0, 0, 2, 0, 0, 0, 0, 0, 2, 1, 0, 1])
+    new = [(torch.tensor([7, 7, 7, 7, 7]), "h0"), (torch.tensor([8]), "h1")]
+    out = kepo.inject(r, rewards, g, {0: new, 2: new[:1]}, pad_id=0)
+    # group 0: the two reward-0 rows (1, 3) are replaced, in order; the correct ones survive
+    assert out.texts[:4] == ["t0", "h0", "t2", "h1"]
+    assert out.completion_ids[1].tolist() == [7] * 5 and out.completion_mask[1].sum() == 5
+    assert out.completion_ids[3].tolist() == [8, 0, 0, 0, 0] and out.completion_mask[3].tolist() == [1, 0, 0, 0, 0]
+    # group 2: only its lowest-reward row (10) is replaced
+    assert out.texts[8:] == ["t8", "t9", "h0", "t11"]
+    # group 1 untouched, and every prompt is the original hint-free one
+    assert out.texts[4:8] == r.texts[4:8]
+    for i in list(range(4, 8)) + [0, 2, 8, 9, 11]:
+        n = int(r.completion_mask[i].sum())
+        assert out.completion_ids[i, :n].tolist() == r.completion_ids[i, :n].tolist()
+    assert torch.equal(out.prompts.input_ids, r.prompts.input_ids)
+    assert torch.equal(out.prompts.vision["pixel_values"], r.prompts.vision["pixel_values"])
 
 
 def test_knowledge_enhance_accepts_correct_hinted_samples(tokenizer):
-    teacher = Scripted(tokenizer, "<hint> look at lesion </hint>")
-    student = Scripted(tokenizer, "<think> large </think> <answer> b </answer>")
+    teacher = ScriptedVLM(tokenizer, lambda i, row: "<hint> look at lesion </hint>")
+    student = ScriptedVLM(tokenizer, lambda i, row: "<think> large </think> <answer> b </answer>")
     prompts = prompt_batch(tokenizer, ["what is shown"] * 3)
     seen = {}
 
@@ -465,8 +540,8 @@ def test_knowledge_enhance_accepts_correct_hinted_samples(tokenizer):
 
     hp = kepo.HintPrompts(request=lambda idx: prompts.select(idx), hinted=hinted)
     cfg = kepo.KEPOConfig(group_size=2, max_new_tokens=8, num_hinted=1, max_attempts=2)
-    rollouts = kepo.Rollouts(prompts.select([0, 0, 1, 1, 2, 2]), torch.full((6, 2), 5), torch.ones(6, 2, dtype=torch.int),
-                             ["x"] * 6)
+    rollouts = kepo.Rollouts(prompts.select([0, 0, 1, 1, 2, 2]), torch.full((6, 2), 5),
+                             torch.ones(6, 2, dtype=torch.int), ["x"] * 6)
     out, stats = kepo.knowledge_enhance(student, teacher, tokenizer, rollouts, torch.zeros(6), ["B", "A", "B"],
                                         [0, 1, 2], hp, cfg)
     assert seen["hints"] == ["look at lesion"] * 3
@@ -476,17 +551,158 @@ def test_knowledge_enhance_accepts_correct_hinted_samples(tokenizer):
     assert torch.equal(out.prompts.input_ids, rollouts.prompts.input_ids)
 
 
-# --------------------------------------------------------------------------- train_small.py
-import json  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
+# ---------------------------------------------------------------------------------------
+# 8. Loss and step: eq. 7, policy loss + gated distillation, one optimizer step
+# ---------------------------------------------------------------------------------------
+def test_injected_hinted_samples_are_rescored_and_the_loss_matches_a_hand_computation(tokenizer, monkeypatch):
+    student, teacher, prompts, hints, cfg = scripted_setup(tokenizer, tau=2.0)
+    # by hand: 2 correct hinted samples replace slots 0-1 of each group, under the hint-free prompt
+    texts = [answer("b")] * 2 + [answer("c")] * 2 + [answer("a")] * 2 + [answer("c")] * 2
+    ids = torch.tensor([tokenizer(t).input_ids + [tokenizer.eos_token_id] for t in texts])
+    rows = prompts.select([0] * 4 + [1] * 4)
+    allowed = [i for i in range(len(tokenizer)) if i not in kepo.suppressed_ids(tokenizer, student)]
+    with torch.no_grad():
+        def logits(m):  # a plain forward; suppressed ids have probability 0, so they are dropped from the vocabulary
+            att = torch.cat([rows.attention_mask, torch.ones_like(ids)], 1)
+            out = m.model(input_ids=torch.cat([rows.input_ids, ids], 1), attention_mask=att, **rows.vision).logits
+            return out[:, rows.input_ids.shape[1] - 1:-1, allowed]
+        jsd = hand_jsd(logits(student), logits(teacher), 0.5, 1.0)
+    gated = torch.tensor([1, 1, 0, 0, 1, 1, 0, 0], dtype=torch.bool)  # r = 2 only on the injected rows
+    expected = jsd[gated].mean()  # the policy term is -mean(A) = 0 at ratio 1
+    seen = {}
+    real_loss = kepo.kepo_loss
+    monkeypatch.setattr(kepo, "kepo_loss", lambda *a, **k: seen.setdefault("args", a) and real_loss(*a, **k))
+    opt = torch.optim.SGD(student.parameters(), lr=0.0)
+    m = kepo.kepo_step(student, opt, tokenizer, prompts, ["B", "A"], cfg, method="kepo", teacher=teacher,
+                       hint_prompts=hints)
+    rollouts, rewards = seen["args"][2], seen["args"][3]
+    assert rollouts.texts == texts and torch.equal(rollouts.prompts.input_ids, rows.input_ids)
+    assert rewards.tolist() == [2, 2, 1, 1, 2, 2, 1, 1] and m["reward"] == 1.5 and m["hint_injected"] == 4
+    assert (kepo.group_advantages(rewards, 4)[gated] > 0).all()
+    assert m["gate_frac"] == 0.5 and m["loss"] == pytest.approx(expected.item(), abs=1e-6)
 
-import train_small as ts  # noqa: E402
 
+@pytest.mark.parametrize("trigger,hinted", [("accuracy", True), ("reward", False)])
+def test_cliff_trigger_reaches_the_step(tokenizer, trigger, hinted):
+    """Every rollout is well formatted but wrong (r = 1): a cliff for "accuracy", not for the authors' "reward"."""
+    student, teacher, prompts, hints, cfg = scripted_setup(tokenizer, cliff_trigger=trigger)
+    opt = torch.optim.SGD(student.parameters(), lr=0.0)
+    m = kepo.kepo_step(student, opt, tokenizer, prompts, ["B", "A"], cfg, method="kepo", teacher=teacher,
+                       hint_prompts=hints)
+    assert m["sample_accuracy"] == 0 and m["sample_format"] == 1
+    assert m.get("hint_groups", 0) == (2 if hinted else 0)
+    assert (("generate", 2) in teacher.calls) == hinted
+
+
+def test_kl_to_a_reference_is_finite_after_early_eos(tokenizer):
+    """beta_rl > 0 with completions that end early: the pad positions hold suppressed ids (log-prob ~ -1.1e9).
+
+    The reference is the same policy; only its logits' constant offset differs, which moves the
+    pad positions' log-prob by one float32 step (128 at 1.1e9). The KL must be 0, not NaN.
+    """
+    short_and_long = lambda i, row: answer("b") if i % 2 else answer("c") + " look at lesion"  # noqa: E731
+    student = ScriptedVLM(tokenizer, short_and_long, logit_offset=300.0)
+    ref = ScriptedVLM(tokenizer, short_and_long)
+    prompts = prompt_batch(tokenizer, ["what is shown"] * 2)
+    cfg = kepo.KEPOConfig(group_size=2, max_new_tokens=12, beta_rl=0.1)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    m = kepo.kepo_step(student, opt, tokenizer, prompts, ["B", "A"], cfg, method="grpo", ref_model=ref)
+    assert m["completions/mean_length"] < 12 and math.isfinite(m["loss"]) and m["kl"] == pytest.approx(0, abs=1e-5)
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+
+
+def test_config_and_step_refuse_bad_settings_before_sampling(tokenizer):
+    for field, value in [("group_size", 1), ("num_hinted", 9), ("beta_jsd", 1.5), ("tau", 3.0), ("tau", -1.0),
+                         ("hint_mode", "adaptve"), ("cliff_trigger", "format")]:
+        with pytest.raises(ValueError, match=f"KEPOConfig.{field}="):
+            kepo.KEPOConfig(**{field: value})
+    kepo.KEPOConfig(tau=None), kepo.KEPOConfig(tau=2.0)  # the ends of the range are legal
+    student, _, prompts, _, _ = scripted_setup(tokenizer)
+    with pytest.raises(ValueError, match="needs a ref_model"):
+        kepo.kepo_step(student, None, tokenizer, prompts, ["B", "A"], kepo.KEPOConfig(beta_rl=0.1), method="grpo")
+    assert student.calls == []  # refused before any sampling
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kepo_step_runs_and_changes_weights(tokenizer, device):
+    student, teacher, prompts, cfg, hints = step_setup(tokenizer, device, tau=0.0, hint_mode="always")
+    before = [p.detach().clone() for p in student.parameters()]
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2, weight_decay=0.0)
+    torch.manual_seed(0)
+    m = kepo.kepo_step(student, opt, tokenizer, prompts, ["A", "B"], cfg, method="kepo", teacher=teacher,
+                       ref_model=tiny_vlm(tokenizer).to(device), hint_prompts=hints)
+    assert math.isfinite(m["loss"]) and m["distill_loss"] > 0 and m["gate_frac"] == 1.0
+    assert m["hint_groups"] == 2 and 0 <= m["hint_accept_rate"] <= 1 and m["kl"] >= 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "cliff_groups"):
+        assert math.isfinite(m[key])
+
+
+def test_opd_step_uses_every_rollout(tokenizer):
+    student, teacher, prompts, cfg, _ = step_setup(tokenizer, tau=None)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    m = kepo.kepo_step(student, opt, tokenizer, prompts, ["A", "B"], cfg, method="opd", teacher=teacher)
+    assert m["gate_frac"] == 1.0 and m["distill_loss"] > 0 and m["policy_loss"] == 0.0
+
+
+def test_step_rejects_missing_teacher_or_unknown_method(tokenizer):
+    student, _, prompts, cfg, _ = step_setup(tokenizer)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    for method in ("kepo", "ppo"):
+        with pytest.raises(ValueError, match="method must be one of"):
+            kepo.kepo_step(student, opt, tokenizer, prompts, ["A", "B"], cfg, method=method)
+
+
+def torchrun(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args],
+                          capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def ddp_worker():
+    """Run by test_ddp_...: `torchrun --nproc_per_node 2 test_kepo.py`. Fixed rollouts, one global batch."""
+    tok = make_tokenizer()
+    cfg = kepo.KEPOConfig(group_size=2, tau=1.0)
+    teacher = tiny_vlm(tok, 48, seed=1)
+    prompts = prompt_batch(tok, ["what finding is shown options a b", "what is shown", "look at lesion", "a b c d"])
+    ids = torch.randint(5, len(tok), (8, 5), generator=torch.Generator().manual_seed(0))
+    mask = (torch.arange(5) < torch.tensor([5, 3, 4, 2, 5, 1, 3, 4])[:, None]).int()
+    rollouts = kepo.Rollouts(prompts.select([0, 0, 1, 1, 2, 2, 3, 3]), ids, mask, [""] * 8)
+    # tau=1 gates rows 0, 2, 3 (11 tokens) on rank 0 and rows 6, 7 (7 tokens) on rank 1
+    rewards = torch.tensor([2.0, 0.0, 1.0, 2.0, 0.0, 0.0, 2.0, 1.0])
+    single = tiny_vlm(tok, 32, seed=0)  # one process, the whole batch (before the group exists)
+    loss, _ = kepo.kepo_loss(single, teacher, rollouts, rewards, "kdpo", cfg)
+    loss.backward()
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    student = tiny_vlm(tok, 32, seed=0)
+    ddp = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True)
+    rows = list(range(4 * rank, 4 * rank + 4))
+    shard_loss, _ = kepo.kepo_loss(ddp, teacher, rollouts.select(rows), rewards[rows], "kdpo", cfg)
+    shard_loss.backward()
+    mean = shard_loss.detach().clone()
+    dist.all_reduce(mean)
+    mean /= dist.get_world_size()
+    print(f"rank {rank}: single {loss.item():.8f} ddp {mean.item():.8f} "
+          f"max grad diff {(grads(student) - grads(single)).abs().max().item():.2e}")
+    assert torch.allclose(mean, loss, atol=1e-6), (mean, loss)
+    assert torch.allclose(grads(student), grads(single), atol=1e-6)
+    dist.destroy_process_group()
+
+
+def grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def test_ddp_loss_and_gradients_equal_one_process_on_the_same_global_batch():
+    # fixed rollouts: sampled ones differ across world sizes (each rank draws its own stream)
+    proc = torchrun(os.path.abspath(__file__), "--ddp-worker")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("max grad diff") == 2
+
+
+# ---------------------------------------------------------------------------------------
+# train_small.py: the toy, its stages and its command line
+# ---------------------------------------------------------------------------------------
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -514,6 +730,8 @@ def test_toy_questions_are_consistent_and_fixed_by_seed():
         target = ts.answer_text(e).replace(" <eos>", "")
         assert kepo.kepo_reward([target], [e.answer]).item() == 2.0
     assert ts.draw(a[0].case).tobytes() == ts.draw(ts.make_split(3, "train", "mri", 1)[0].case).tobytes()
+    described = ts.describe_text(a[0].case)
+    assert f"organ {a[0].case.organ}" in described and f"modality {a[0].case.modality}" in described
 
 
 def test_toy_prompts_round_trip_through_the_tokenizer():
@@ -523,12 +741,58 @@ def test_toy_prompts_round_trip_through_the_tokenizer():
         assert proc.tokenizer.unk_token not in proc.tokenizer.tokenize(text)
 
 
+def test_bank_batches_equal_the_processor_path(tmp_path):
+    proc = ts.build_processor()
+    exs = ts.make_split(0, "test", "oct", 3)
+    banked = ts.with_pixels(exs, str(tmp_path / "bank.pt"))
+    assert ts.with_pixels(exs, str(tmp_path / "bank.pt"))[2].pixels.equal(banked[2].pixels)  # read back, not redrawn
+    texts = [ts.prompt_text(e) for e in exs]
+    fast, slow = ts.encode(proc, banked, texts, "cpu"), ts.encode(proc, exs, texts, "cpu")
+    assert fast.input_ids.equal(slow.input_ids) and fast.attention_mask.equal(slow.attention_mask)
+    assert fast.vision.keys() == slow.vision.keys()
+    torch.testing.assert_close(fast.vision["pixel_values"], slow.vision["pixel_values"], atol=1e-6, rtol=0)
+    assert (slow.input_ids == proc.tokenizer.convert_tokens_to_ids("<image>")).sum(1).tolist() == [ts.IMAGE_TOKENS] * 3
+
+
+def test_chance_by_hand():
+    def q(modality, qtype, n_options):
+        return ts.Example(None, qtype, "q", tuple("wxyz"[:n_options]), "a", "", modality=modality)
+    exs = [q("mri", "anatomy", 4), q("mri", "attribute", 2), q("ct", "grading", 3), q("ct", "attribute", 3),
+           q("oct", "anatomy", 4)]
+    data = ts.Data(["ct", "mri", "oct"], ["anatomy", "grading", "attribute"], "mri", [], [], exs, [], [], [], "hand")
+    row = ts.summarize(exs, ts.chance(exs), data)
+    assert row["mri"] == pytest.approx((1 / 4 + 1 / 2) / 2) and row["ID"] == row["mri"]
+    assert row["ct"] == pytest.approx((1 / 3 + 1 / 3) / 2) and row["oct"] == pytest.approx(1 / 4)
+    assert row["OOD"] == pytest.approx((1 / 3 + 1 / 4) / 2)  # the mean of the OOD modalities, not of questions
+    assert row["q/attribute"] == pytest.approx((1 / 2 + 1 / 3) / 2) and row["q/grading"] == pytest.approx(1 / 3)
+
+
+def test_premises_hold_and_fail_at_their_thresholds():
+    def row(acc, ood=None, idd=None):
+        r = {m: acc for m in ts.MODALITIES} | {f"q/{q}": acc for q in ts.QUESTIONS}
+        return r | {"OOD": acc if ood is None else ood, "ID": acc if idd is None else idd}
+    rows = {"chance": row(0.30), "teacher": row(0.95), "student (before RL)": row(0.6, ood=0.5, idd=0.7)}
+    assert all(it["holds"] for it in ts.premises(rows, 0.2, {m: 0.9 for m in ts.MODALITIES}))
+    rows["teacher"]["q/grading"] = 0.89  # one weak question type is enough to fail the teacher premise
+    rows["student (before RL)"]["OOD"] = 0.44  # below chance + 0.15
+    items = ts.premises(rows, 0.1, {m: 0.9 for m in ts.MODALITIES} | {"oct": 0.8})
+    failed = [it["premise"] for it in items if not it["holds"]]
+    assert failed == ["teacher accuracy, worst question type (grading)", "warm student OOD accuracy",
+                      "learning cliff: train prompts with all G samples wrong",
+                      "base student names the organ, worst modality (oct)"]
+
+
 def test_smoke_pipeline_prints_table_writes_json_and_reloads(smoke):
     out, stdout = smoke
     header = next(line for line in stdout.splitlines() if "mri*" in line)
     assert all(m in header for m in ts.MODALITIES) and "OOD" in header
-    assert "learning cliff before RL" in stdout and "rl-kepo" in stdout
+    assert "learning cliff before RL" in stdout and "rl-kepo" in stdout and "\nchance " in stdout
+    assert "premises" in stdout and "base student names the organ" in stdout
+    assert json.loads((out / "smoke-base" / "stage.json").read_text())["times"]["seconds"] > 0  # the base stage ran
     root = out / "smoke-seed1"
+    before = json.loads((root / "before_rl.json").read_text())
+    assert set(before["base_describes"]) == set(ts.MODALITIES) and len(before["premises"]) == 6
+    assert json.loads((root / "student_init" / "stage.json").read_text())["config"]["base"]["steps"] == 4
     res = json.loads((root / "rl-kepo" / "results.json").read_text())
     for key in ts.MODALITIES + ["ID", "OOD"]:
         assert 0.0 <= res[key] <= 1.0
@@ -609,66 +873,6 @@ def test_compare_runs_every_method_from_one_student(smoke, tmp_path):
         assert json.loads((out / "smoke-seed1" / f"rl-{name}" / "results.json").read_text())["settings"]["steps"] == 2
         assert (out / "smoke-seed1" / f"rl-{name}.log").exists()  # each ran in its own process
     assert "stage 3" not in proc.stdout  # the parent only read their results back
-
-
-
-# --------------------------------------------------------------------------- scaling up (issue 5)
-DDP_WORKER = """
-import sys
-import torch
-import torch.distributed as dist
-sys.path.insert(0, sys.argv[1])
-import kepo
-import test_kepo as t
-
-tok = t.make_tokenizer()
-cfg = kepo.KEPOConfig(group_size=2, tau=1.0)
-teacher = t.tiny_vlm(tok, 48, seed=1)
-prompts = t.prompt_batch(tok, ["what finding is shown options a b", "what is shown", "look at lesion", "a b c d"])
-ids = torch.randint(5, len(tok), (8, 5), generator=torch.Generator().manual_seed(0))
-mask = (torch.arange(5) < torch.tensor([5, 3, 4, 2, 5, 1, 3, 4])[:, None]).int()
-rollouts = kepo.Rollouts(prompts.select([0, 0, 1, 1, 2, 2, 3, 3]), ids, mask, [""] * 8)
-# tau=1 gates rows 0, 2, 3 (11 tokens) on rank 0 and rows 6, 7 (7 tokens) on rank 1
-rewards = torch.tensor([2.0, 0.0, 1.0, 2.0, 0.0, 0.0, 2.0, 1.0])
-
-
-def grads(model):
-    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-
-
-single = t.tiny_vlm(tok, 32, seed=0)  # one process, the whole batch (before the group exists)
-loss, _ = kepo.kepo_loss(single, teacher, rollouts, rewards, "kdpo", cfg)
-loss.backward()
-dist.init_process_group("gloo")
-rank = dist.get_rank()
-student = t.tiny_vlm(tok, 32, seed=0)
-ddp = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True)
-rows = list(range(4 * rank, 4 * rank + 4))
-shard_loss, _ = kepo.kepo_loss(ddp, teacher, rollouts.select(rows), rewards[rows], "kdpo", cfg)
-shard_loss.backward()
-mean = shard_loss.detach().clone()
-dist.all_reduce(mean)
-mean /= dist.get_world_size()
-print(f"rank {rank}: single {loss.item():.8f} ddp {mean.item():.8f} "
-      f"max grad diff {(grads(student) - grads(single)).abs().max().item():.2e}")
-assert torch.allclose(mean, loss, atol=1e-6), (mean, loss)
-assert torch.allclose(grads(student), grads(single), atol=1e-6)
-dist.destroy_process_group()
-"""
-
-
-def torchrun(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args],
-                          capture_output=True, text=True, timeout=300, **kwargs)
-
-
-def test_ddp_loss_and_gradients_equal_one_process_on_the_same_global_batch(tmp_path):
-    # fixed rollouts: sampled ones differ across world sizes (each rank draws its own stream)
-    worker = tmp_path / "worker.py"
-    worker.write_text(DDP_WORKER)
-    proc = torchrun(str(worker), HERE)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("max grad diff") == 2
 
 
 def test_torchrun_smoke_trains_on_two_processes_and_rank0_writes(smoke, tmp_path):
@@ -805,3 +1009,8 @@ def test_bad_jsonl_stops_the_cli_before_training(tmp_path):
     proc = run_script("--preset", "smoke", "--out", str(tmp_path / "runs"), "--device", "cpu", "--data", str(path))
     assert proc.returncode != 0 and f"{path}:3: missing fields" in proc.stderr
     assert not (tmp_path / "runs" / "smoke-omni-teacher").exists()
+
+
+if __name__ == "__main__":  # torchrun runs this file as the DDP worker
+    if "--ddp-worker" in sys.argv:
+        ddp_worker()

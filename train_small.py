@@ -7,7 +7,7 @@
     python train_small.py --data omni.jsonl --student ckpt/student --teacher ckpt/teacher   # beyond the toy
     torchrun --nproc_per_node 4 train_small.py ...                  # one process per GPU (DDP)
 
-A miniature of the paper's protocol (SPEC.md sections 6-7), nothing downloaded:
+A miniature of the paper's protocol, nothing downloaded:
   data     procedurally drawn 48x48 images in 8 synthetic "modalities" that share anatomy and
            findings but differ in look; OmniMedVQA-style multiple-choice questions of the 5
            types (modality, anatomy, diagnosis, lesion grading, other attributes: side or
@@ -15,14 +15,20 @@ A miniature of the paper's protocol (SPEC.md sections 6-7), nothing downloaded:
            `<think> modality mri b </think> <answer> b </answer>`: the evidence, the letter it
            points to, the answer. (Listing the letter after the option text makes the lookup an
            induction copy that a 2-layer model learns; letter-first listing was not learned.)
-  models   two LLaVA-style VLMs (SigLIP vision tower + Qwen2 text model) from configs with
-           random init; the teacher is several times larger. A word-level tokenizer and a
-           LlavaProcessor are built in code and saved, so everything reloads with
-           `from_pretrained`.
-  stages   (each cached under --out and reused) 1. teacher SFT on all modalities, also
-           writing a hint from the answer; 2. student warm-up SFT on a small MRI-only set,
-           also on hinted prompts so it can use a hint; 3. RL on MRI questions only with
-           --method; 4. greedy evaluation on held-out questions of all 8 modalities.
+           Images are drawn once into a bank under --out and kept as pixel tensors.
+  models   two LLaVA-style VLMs (SigLIP vision tower, 16 patches of 12x12, + Qwen2 text model)
+           from configs with random init; the teacher is several times larger. A word-level
+           tokenizer and a LlavaProcessor are built in code and saved, so everything reloads
+           with `from_pretrained`.
+  stages   (each cached under --out and reused)
+           1. teacher SFT on every modality, also writing a hint from the answer (once per preset);
+           2. base student: pretrained to describe images of every modality in words, the
+              stand-in for a pretrained VLM (once per preset; skipped for --data);
+           3. student warm-up SFT on a small train-modality set, also on hinted prompts so it
+              can use a hint (per seed), then the premises table (teacher strength, transfer,
+              room to learn, the learning cliff, chance);
+           4. RL on train-modality questions only with --method;
+           5. greedy evaluation on held-out questions of all 8 modalities, chance beside it.
 Simplified on purpose: tiny models and a toy task, so that a run takes minutes; the RL
 step itself is kepo.kepo_step, unchanged from what a real trainer would call.
 Beyond the toy: --data reads OmniMedVQA-style JSONL (checked before anything trains),
@@ -31,7 +37,6 @@ load, and torchrun shards each step's prompts over processes that hold a DDP stu
 """
 import argparse
 import datetime
-import functools
 import glob
 import hashlib
 import json
@@ -91,18 +96,27 @@ class Args:
     max_new_tokens: int = arg(12, "cap on completion and hint tokens (the toy's longest answer is 9)")
 
 
-PRESETS = {  # sizes and budgets; the RL hyperparameters are shared by every method. cpu = default with 4x fewer prompts
-    "default": dict(teacher_steps=3000, teacher_batch=64, warm_steps=300, steps=200, batch_prompts=64, lr=3e-4,
-                    sft_lr=1e-3, sft_batch=64, n_train=600, n_warm=200, n_test=100, n_cliff=192, eval_every=25,
-                    n_eval_curve=24, ckpt_every=25, log_every=10, student=(48, 2), teacher=(128, 2)),
-    "cpu": dict(teacher_steps=3000, teacher_batch=64, warm_steps=300, steps=200, batch_prompts=16, lr=3e-4,
-                sft_lr=1e-3, sft_batch=64, n_train=600, n_warm=200, n_test=50, n_cliff=192, eval_every=25,
-                n_eval_curve=12, ckpt_every=50, log_every=25, student=(48, 2), teacher=(128, 2)),
-    "smoke": dict(teacher_steps=8, teacher_batch=16, warm_steps=4, steps=6, batch_prompts=4, lr=3e-4, sft_lr=1e-3,
-                  sft_batch=16, n_train=16, n_warm=16, n_test=4, n_cliff=8, eval_every=3, n_eval_curve=2,
-                  ckpt_every=2, log_every=2, student=(32, 1), teacher=(48, 1)),
+PRESETS = {  # sizes and budgets; RL settings are shared by every method. cpu: default with 4x fewer RL prompts a step
+    "default": dict(teacher_steps=3000, base_steps=1000, warm_steps=150, steps=200, batch_prompts=64, lr=3e-4,
+                    teacher_lr=1e-3, sft_lr=1e-3, sft_batch=64, n_pool=1500, n_train=600, n_warm=200, n_test=200,
+                    n_cliff=192, eval_every=25, n_eval_curve=24, ckpt_every=25, log_every=10, student=(48, 2),
+                    teacher=(128, 2)),
+    "cpu": dict(teacher_steps=3000, base_steps=1000, warm_steps=150, steps=200, batch_prompts=16, lr=3e-4,
+                teacher_lr=1e-3, sft_lr=1e-3, sft_batch=64, n_pool=1500, n_train=600, n_warm=200, n_test=200,
+                n_cliff=192, eval_every=25, n_eval_curve=12, ckpt_every=50, log_every=25, student=(48, 2),
+                teacher=(128, 2)),
+    "smoke": dict(teacher_steps=8, base_steps=4, warm_steps=4, steps=6, batch_prompts=4, lr=3e-4, teacher_lr=1e-3,
+                  sft_lr=1e-3, sft_batch=16, n_pool=8, n_train=16, n_warm=16, n_test=4, n_cliff=8, eval_every=3,
+                  n_eval_curve=2, ckpt_every=2, log_every=2, student=(32, 1), teacher=(48, 1)),
 }
-TEACHER_SEED = 0  # the teacher stands for a fixed pretrained model: trained once per preset, shared by all seeds
+PRETRAIN_SEED = 0  # teacher and base student stand for released checkpoints: trained once per preset, shared by seeds
+EVAL_BATCH = 256  # rows per generate call in evaluation
+# The toy's premises, checked before RL (README, "The toy's premises"); calibrated on these alone, never on RL outcomes
+TEACHER_MIN_QTYPE = 0.90  # teacher accuracy on every question type, all modalities pooled
+TEACHER_MIN_MODALITY = 0.85  # teacher accuracy on every modality
+ROOM = 0.15  # warm student: OOD >= chance + ROOM (transfer exists), ID and OOD <= teacher - ROOM (room to distil)
+CLIFF_MIN = 0.15  # share of train prompts whose G samples are all wrong before RL
+BASE_MIN = 0.85  # base student: names the organ right, on every modality
 
 
 # ---------------------------------------------------------------------------------------
@@ -112,6 +126,9 @@ MODALITIES = ["ct", "dermoscopy", "fundus", "mri", "microscopy", "oct", "ultraso
 ORGANS = ["brain", "lung", "liver", "heart"]
 FINDINGS = ["normal", "tumor", "cyst", "bleed"]
 GRADES = {"small": 3, "medium": 5, "large": 7}  # lesion radius in pixels
+CYST_WALL = 2  # pixels: a cyst is a ring, a tumor a filled disc
+BLUR_RADIUS = 0.6  # Gaussian blur of the drawn image, in pixels
+SPECKLE = {"fan": 40 / 255, "other": 14 / 255}  # weight of the uniform noise blended in (ultrasound is grainier)
 COUNTS = ["one", "two", "three"]
 SLOTS = [(16, 17), (32, 17), (16, 31), (32, 31)]  # lesion centres; x < 24 is "left"
 QUESTIONS = {
@@ -123,7 +140,9 @@ QUESTIONS = {
 }
 ATTRIBUTE_QUESTIONS = {"side": "on which side is the lesion ?", "count": "how many lesions are there ?"}
 LETTERS = "abcd"
-IMAGE_SIZE, PATCH = 48, 24
+IMAGE_SIZE, PATCH = 48, 12  # 16 image tokens of 12x12: enough to see a 3-pixel lesion
+IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2
+PIXEL_MEAN, PIXEL_STD = 0.5, 0.5  # the image processor's normalisation, per channel
 # modality -> (background, organ, lesion) colours and field of view; findings keep their shape everywhere
 STYLES = {
     "ct": ((0, 0, 0), (150, 150, 150), (60, 60, 60), "circle"),
@@ -159,6 +178,7 @@ class Example:
     evidence: str  # e.g. "size large": what the think block states and what a hint says
     image: str = ""  # image file (JSONL data); empty for toy cases, which are drawn
     modality: str = ""
+    pixels: torch.Tensor | None = field(default=None, compare=False, repr=False)  # [3, H, W] uint8, from the bank
 
     def __post_init__(self):
         if self.case is not None:
@@ -208,12 +228,11 @@ def draw_lesion(d: ImageDraw.ImageDraw, finding: str, center: tuple, r: int, col
     if finding == "tumor":
         d.ellipse(box, fill=color)
     elif finding == "cyst":
-        d.ellipse(box, outline=color, width=2)
+        d.ellipse(box, outline=color, width=CYST_WALL)
     else:  # bleed
         d.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=color)
 
 
-@functools.lru_cache(maxsize=8192)
 def draw(case: Case) -> Image.Image:
     """The case as a 48x48 RGB image: field, organ, lesions, a light blur and seeded noise."""
     rng = random.Random(case.seed)
@@ -224,37 +243,87 @@ def draw(case: Case) -> Image.Image:
     draw_organ(d, case.organ, organ_color)
     for slot in case.slots:
         draw_lesion(d, case.finding, slot, GRADES[case.grade], lesion_color)
-    img = img.filter(ImageFilter.GaussianBlur(0.6))
-    noise = bytes(rng.randrange(256) for _ in range(IMAGE_SIZE * IMAGE_SIZE))
-    speckle = 40 if style == "fan" else 14
-    return Image.blend(img, Image.frombytes("L", img.size, noise).convert("RGB"), speckle / 255)
+    img = img.filter(ImageFilter.GaussianBlur(BLUR_RADIUS))
+    noise = Image.frombytes("L", img.size, rng.randbytes(IMAGE_SIZE * IMAGE_SIZE)).convert("RGB")
+    return Image.blend(img, noise, SPECKLE["fan" if style == "fan" else "other"])
 
 
-def make_example(rng: random.Random, modality: str) -> Example:
-    """One question, its type drawn uniformly from the five; grading and attribute need a lesion."""
-    qtype = rng.choice(list(QUESTIONS))
+def side(case: Case) -> str:
+    return "left" if case.slots[0][0] < IMAGE_SIZE // 2 else "right"
+
+
+def make_case(rng: random.Random, modality: str, qtype: str, attribute: str | None) -> Case:
+    """A case that can answer `qtype`: grading and attribute need a lesion, "side" exactly one."""
     finding = rng.choice(FINDINGS[1:] if qtype in ("grading", "attribute") else FINDINGS)
-    attribute = rng.choice(list(ATTRIBUTE_QUESTIONS)) if qtype == "attribute" else None
-    n = 0 if finding == "normal" else 1 if attribute == "side" else rng.randint(1, 3)
-    case = Case(modality, rng.choice(ORGANS), finding, rng.choice(list(GRADES)) if n else None,
+    n = 0 if finding == "normal" else 1 if attribute == "side" else rng.randint(1, len(SLOTS) - 1)
+    return Case(modality, rng.choice(ORGANS), finding, rng.choice(list(GRADES)) if n else None,
                 tuple(rng.sample(SLOTS, n)), rng.randrange(2**31))
+
+
+def ask(rng: random.Random, case: Case, qtype: str, attribute: str | None) -> Example:
+    """A multiple-choice question of `qtype` about `case`, options shuffled."""
+    n = len(case.slots)
     truth, choices, key = {
-        "modality": (modality, rng.sample([m for m in MODALITIES if m != modality], 3) + [modality], "modality"),
+        "modality": (case.modality, rng.sample([m for m in MODALITIES if m != case.modality], 3) + [case.modality],
+                     "modality"),
         "anatomy": (case.organ, list(ORGANS), "organ"),
-        "diagnosis": (finding, list(FINDINGS), "finding"),
+        "diagnosis": (case.finding, list(FINDINGS), "finding"),
         "grading": (case.grade, list(GRADES), "size"),
-        "attribute": (("left" if n and case.slots[0][0] < 24 else "right", ["left", "right"], "side")
-                      if attribute == "side" else (COUNTS[n - 1], list(COUNTS), "count")),
+        "attribute": ((side(case), ["left", "right"], "side") if attribute == "side"
+                      else (COUNTS[n - 1] if n else None, list(COUNTS), "count")),
     }[qtype]
     rng.shuffle(choices)
     question = QUESTIONS[qtype] or ATTRIBUTE_QUESTIONS[attribute]
     return Example(case, qtype, question, tuple(choices), LETTERS[choices.index(truth)], f"{key} {truth}")
 
 
+def make_example(rng: random.Random, modality: str) -> Example:
+    """One question, its type drawn uniformly from the five, and a new case that it fits."""
+    qtype = rng.choice(list(QUESTIONS))
+    attribute = rng.choice(list(ATTRIBUTE_QUESTIONS)) if qtype == "attribute" else None
+    return ask(rng, make_case(rng, modality, qtype, attribute), qtype, attribute)
+
+
+def any_question(rng: random.Random, ex: Example) -> Example:
+    """A fresh question about the image of `ex` (a bank image): any type the case can answer."""
+    n = len(ex.case.slots)
+    qtype = rng.choice(list(QUESTIONS) if n else ["modality", "anatomy", "diagnosis"])
+    attribute = rng.choice(["side", "count"] if n == 1 else ["count"]) if qtype == "attribute" else None
+    return replace(ask(rng, ex.case, qtype, attribute), pixels=ex.pixels)
+
+
+def describe_text(case: Case) -> str:
+    """The base student's pretraining target: the image in words, not a multiple-choice answer."""
+    words = [f"modality {case.modality}", f"organ {case.organ}", f"finding {case.finding}"]
+    if case.slots:
+        words += [f"size {case.grade}", f"count {COUNTS[len(case.slots) - 1]}"]
+    if len(case.slots) == 1:
+        words.append(f"side {side(case)}")
+    return " ".join(words) + " <eos>"
+
+
 def make_split(seed: int, name: str, modality: str, n: int) -> list[Example]:
     """A fixed split: the same (seed, name, modality) always gives the same questions."""
     rng = random.Random(f"{seed}-{name}-{modality}")
     return [make_example(rng, modality) for _ in range(n)]
+
+
+def with_pixels(examples: list[Example], path: str) -> list[Example]:
+    """The examples with their images as uint8 tensors, drawn once and cached in `path` (a bank file).
+
+    Drawing and preprocessing every batch would bound the supervised stages on CPU; the bank
+    is checked against the cases' seeds, so a stale file is redrawn, never misused.
+    """
+    seeds = [e.case.seed for e in examples]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    bank = torch.load(path, weights_only=True) if os.path.exists(path) else None
+    if bank is None or bank["seeds"].tolist() != seeds:
+        pixels = torch.stack([torch.frombuffer(bytearray(draw(e.case).tobytes()), dtype=torch.uint8)
+                              .view(IMAGE_SIZE, IMAGE_SIZE, 3).permute(2, 0, 1) for e in examples])
+        bank = {"seeds": torch.tensor(seeds), "pixels": pixels}
+        torch.save(bank, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return [replace(e, pixels=p) for e, p in zip(examples, bank["pixels"])]
 
 
 def image_of(ex: Example) -> Image.Image:
@@ -330,19 +399,29 @@ class Data:
     test: list[Example]  # held-out questions of every modality
     curve: list[Example]  # the held-out subset evaluated during RL (the OOD curve)
     cliff: list[Example]  # train prompts on which the learning cliff is measured
-    pool: list[Example]  # teacher SFT questions, every modality (empty: fresh toy questions)
+    pool: list[Example]  # teacher and base pretraining images/questions, every modality
     fingerprint: str  # names the data in cached stages
 
 
 def toy_data(a: Args, p: dict) -> Data:
+    """Fixed toy splits for a.seed, with their images from the bank; the pool (for the teacher and base stages)
+    is the preset's, shared by seeds."""
     if a.train_modality not in MODALITIES:
         raise ValueError(f"--train-modality {a.train_modality}: the toy has {MODALITIES}")
-    train = make_split(a.seed, "train", a.train_modality, p["n_train"])
+    root = seed_root(a)
+    os.makedirs(root, exist_ok=True)
+
+    def split(name: str, modalities: list[str], n: int, seed: int = a.seed, folder: str = root) -> list[Example]:
+        exs = [e for m in modalities for e in make_split(seed, name, m, n)]
+        # the bank holds pixels as the toy's processor makes them; a checkpoint's own processor draws per batch
+        return exs if a.student else with_pixels(exs, os.path.join(folder, f"bank-{name}.pt"))
+    train = split("train", [a.train_modality], p["n_train"])
+    pool = [] if a.student else split("pool", MODALITIES, p["n_pool"], PRETRAIN_SEED,
+                                      os.path.join(a.out, f"{tag(a)}-bank"))
     return Data(MODALITIES, list(QUESTIONS), a.train_modality, train,
-                warm=make_split(a.seed, "warm", a.train_modality, p["n_warm"]),
-                test=[e for m in MODALITIES for e in make_split(a.seed, "test", m, p["n_test"])],
-                curve=[e for m in MODALITIES for e in make_split(a.seed, "curve", m, p["n_eval_curve"])],
-                cliff=train[:p["n_cliff"]], pool=[], fingerprint="toy")
+                warm=split("warm", [a.train_modality], p["n_warm"]), test=split("test", MODALITIES, p["n_test"]),
+                curve=split("curve", MODALITIES, p["n_eval_curve"]), cliff=train[:p["n_cliff"]], pool=pool,
+                fingerprint="toy")
 
 
 def jsonl_data(a: Args, p: dict) -> Data:
@@ -401,12 +480,20 @@ def hint_text(ex: Example) -> str:
 # Tokenizer, processor and models, built from code (no download)
 # ---------------------------------------------------------------------------------------
 TAGS = ["<think>", "</think>", "<answer>", "</answer>", "<hint>", "</hint>"]
+DESCRIBE_PROMPT = "describe the image"  # the base student's pretraining task
+DESCRIBE_TOKENS = 16  # the longest description is 13 words plus EOS
+HINT_SHARE = 0.25  # of the teacher's SFT prompts ask for a hint given the answer; the rest ask the question
+HINTED_SHARE = 0.3  # of the warm-up prompts carry the correct hint, so the student can use one in RL
+MAX_GRAD_NORM = 1.0  # gradient clipping of the supervised stages
+PROGRESS_SECONDS = 10  # a progress line at least this often
 
 
 def build_processor(extra: list[Example] = ()) -> LlavaProcessor:
     """A LlavaProcessor: a word-level tokenizer over the toy's words (and `extra`'s) and a SigLIP image processor."""
     words = set(LETTERS) | set(MODALITIES + ORGANS + FINDINGS + list(GRADES) + COUNTS)
-    words |= {",", "left", "right", "options", "answer", "hint", "modality", "organ", "finding", "size", "count", "side"}
+    words |= {",", "left", "right", "options", "answer", "hint", "modality", "organ", "finding", "size", "count",
+              "side"}
+    words |= set(DESCRIBE_PROMPT.split())
     for q in [*filter(None, QUESTIONS.values()), *ATTRIBUTE_QUESTIONS.values()]:
         words |= set(q.split())
     split = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
@@ -420,14 +507,14 @@ def build_processor(extra: list[Example] = ()) -> LlavaProcessor:
                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"},
                                   padding_side="left")
     tok.add_tokens(TAGS)
-    images = SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.5] * 3,
-                                  image_std=[0.5] * 3)
+    images = SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[PIXEL_MEAN] * 3,
+                                  image_std=[PIXEL_STD] * 3)
     return LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=PATCH, image_token="<image>",
                           vision_feature_select_strategy="full", num_additional_image_tokens=0)
 
 
 def build_vlm(tok, hidden: int, layers: int) -> LlavaForConditionalGeneration:
-    """A LLaVA: SigLIP vision tower (16 patches of 12x12) + Qwen2 text model, random init."""
+    """A LLaVA: SigLIP vision tower (IMAGE_TOKENS patches of PATCH x PATCH) + Qwen2 text model, random init."""
     vision = SiglipVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                                 num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH)
     text = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
@@ -449,9 +536,19 @@ def user_turn(proc, text: str) -> str:
 
 
 def encode(proc, examples: list[Example], texts: list[str], device, targets: list[str] = ()) -> kepo.PromptBatch:
-    """Prompts (plus SFT targets after them) with their images; every processor output but the text is vision."""
+    """Prompts (plus SFT targets after them) with their images; every processor output but the text is vision.
+
+    Bank images (the toy) skip the image processor: their text is expanded to IMAGE_TOKENS
+    image tokens as LlavaProcessor does, and their pixels are normalised as SiglipImageProcessor
+    does (a test checks both against the processor), which keeps data preparation cheap.
+    """
     full = [user_turn(proc, t) + (f" {targets[i]}" if targets else "") for i, t in enumerate(texts)]
-    enc = proc(text=full, images=[image_of(e) for e in examples], return_tensors="pt", padding=True)
+    if all(e.pixels is not None for e in examples):
+        enc = proc.tokenizer([t.replace(proc.image_token, proc.image_token * IMAGE_TOKENS) for t in full],
+                             return_tensors="pt", padding=True)
+        enc["pixel_values"] = (torch.stack([e.pixels for e in examples]).float() * (1 / 255) - PIXEL_MEAN) / PIXEL_STD
+    else:
+        enc = proc(text=full, images=[image_of(e) for e in examples], return_tensors="pt", padding=True)
     vision = {k: v.to(device) for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
     return kepo.PromptBatch(enc["input_ids"].to(device), enc["attention_mask"].to(device), vision)
 
@@ -459,46 +556,59 @@ def encode(proc, examples: list[Example], texts: list[str], device, targets: lis
 # ---------------------------------------------------------------------------------------
 # Stages 1-2: supervised fine-tuning of the teacher and warm-up of the student
 # ---------------------------------------------------------------------------------------
-def sft_loss(model, proc, examples: list[Example], prompts: list[str], targets: list[str], device):
-    """Cross-entropy on the target tokens only (prompt and padding are labelled -100)."""
-    batch = encode(proc, examples, prompts, device, targets)
-    labels = batch.input_ids.clone()
-    for i, t in enumerate(targets):
-        labels[i, :labels.shape[1] - len(proc.tokenizer(t).input_ids)] = -100
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.vision,
-                 labels=labels).loss
+def sft(model, proc, draw_batch, steps: int, batch_size: int, lr: float, device, name: str, seed: int) -> dict:
+    """AdamW on batches (examples, prompts, targets) = draw_batch(rng, batch_size), cross-entropy on targets only.
 
-
-def sft(model, proc, draw_batch, steps: int, batch_size: int, lr: float, device, name: str, seed: int):
-    """AdamW on a stream of (examples, prompts, targets) batches from draw_batch(rng, batch_size)."""
+    Returns the wall time and the share of it spent preparing batches (drawing, tokenizing, moving).
+    """
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    rng, start = random.Random(f"sft-{name}-{seed}"), time.time()
-    for step in range(steps):
-        loss = sft_loss(model, proc, *draw_batch(rng, batch_size), device)
+    rng, start, data_time, shown = random.Random(f"sft-{name}-{seed}"), time.time(), 0.0, time.time()
+    for step in range(1, steps + 1):
+        t = time.perf_counter()
+        examples, prompts, targets = draw_batch(rng, batch_size)
+        batch = encode(proc, examples, prompts, device, targets)
+        labels = batch.input_ids.clone()  # prompt and padding are labelled -100: only targets are learned
+        for i, n in enumerate(len(ids) for ids in proc.tokenizer(targets).input_ids):
+            labels[i, :labels.shape[1] - n] = -100
+        data_time += time.perf_counter() - t
+        loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.vision,
+                     labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
         opt.step()
-        if (step + 1) % max(steps // 5, 1) == 0:
-            print(f"  [{name}] step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - start:.0f}s)")
+        if time.time() - shown > PROGRESS_SECONDS or step == steps:
+            shown, rate = time.time(), step / (time.time() - start)
+            print(f"  [{name}] step {step}/{steps} loss {loss.item():.3f} | {rate:.1f} steps/s "
+                  f"ETA {(steps - step) / rate:.0f}s", flush=True)
+    seconds = time.time() - start
+    return {"seconds": round(seconds, 1), "data_share": round(data_time / seconds, 4)}
 
 
 def teacher_batch(pool: list[Example]):
-    """Teacher data: fresh toy questions of all modalities (or the pool's); 75% answer, 25% write a hint."""
+    """Teacher data, every modality: fresh questions about bank images (or the JSONL pool's); some write a hint."""
     def draw_batch(rng, n):
-        exs = [rng.choice(pool) for _ in range(n)] if pool else [make_example(rng, rng.choice(MODALITIES))
-                                                                 for _ in range(n)]
-        hint = [rng.random() < 0.25 for _ in exs]
+        exs = [rng.choice(pool) for _ in range(n)]
+        exs = [any_question(rng, e) if e.case else e for e in exs]
+        hint = [rng.random() < HINT_SHARE for _ in exs]
         return (exs, [hint_request_text(e) if h else prompt_text(e) for e, h in zip(exs, hint)],
                 [hint_text(e) if h else answer_text(e) for e, h in zip(exs, hint)])
     return draw_batch
 
 
+def describe_batch(pool: list[Example]):
+    """Base-student data, every modality: describe the image in words (no question, no options)."""
+    def draw_batch(rng, n):
+        exs = [rng.choice(pool) for _ in range(n)]
+        return exs, [DESCRIBE_PROMPT] * n, [describe_text(e.case) for e in exs]
+    return draw_batch
+
+
 def warmup_batch(warm_set: list[Example]):
-    """Student warm-up: the small MRI set; 30% of prompts carry the (correct) hint, so hints are usable."""
+    """Student warm-up on the small train-modality set; some prompts carry the (correct) hint, so hints are usable."""
     def draw_batch(rng, n):
         exs = [rng.choice(warm_set) for _ in range(n)]
-        return (exs, [hinted_text(e, e.evidence) if rng.random() < 0.3 else prompt_text(e) for e in exs],
+        return (exs, [hinted_text(e, e.evidence) if rng.random() < HINTED_SHARE else prompt_text(e) for e in exs],
                 [answer_text(e) for e in exs])
     return draw_batch
 
@@ -506,19 +616,35 @@ def warmup_batch(warm_set: list[Example]):
 # ---------------------------------------------------------------------------------------
 # Stage 4: greedy evaluation, and the learning-cliff measurement before RL
 # ---------------------------------------------------------------------------------------
+def kepo_config(a: Args) -> kepo.KEPOConfig:
+    """The one KEPOConfig of a run: the flags that set it, the authors' defaults for the rest."""
+    return kepo.KEPOConfig(group_size=a.group_size, max_new_tokens=a.max_new_tokens, max_hint_tokens=a.max_new_tokens,
+                           tau=a.tau, hint_mode=a.hint_mode)
+
+
 @torch.no_grad()
-def correctness(model, proc, examples: list[Example], a: Args, group_size=1, temperature=0.0, chunk=256):
-    """[len(examples) * group_size] 1.0 where the completion's answer letter is right."""
-    tok, out = proc.tokenizer, []
-    suppress = kepo.suppressed_ids(tok, model)
-    step = max(chunk // group_size, 1)
+def completions(model, proc, examples: list[Example], texts: list[str], a: Args, group_size=1, temperature=0.0,
+                max_new_tokens=0) -> list[str]:
+    """len(examples) * group_size completions of the prompts `texts`, in batches of about EVAL_BATCH rows."""
+    cfg, out = kepo_config(a), []
+    step = max(EVAL_BATCH // group_size, 1)
     for i in range(0, len(examples), step):
-        exs = examples[i:i + step]
-        r = kepo.generate_rollouts(model, tok, encode(proc, exs, [prompt_text(e) for e in exs], a.device),
-                                   group_size, temperature=temperature, top_p=0.95,
-                                   max_new_tokens=a.max_new_tokens, suppress=suppress)
-        out.append(kepo.accuracy_reward(r.texts, [e.answer for e in exs for _ in range(group_size)]))
-    return torch.cat(out)
+        batch = encode(proc, examples[i:i + step], texts[i:i + step], a.device)
+        out += kepo.generate_rollouts(model, proc.tokenizer, batch, group_size, temperature=temperature,
+                                      top_p=cfg.top_p, max_new_tokens=max_new_tokens or cfg.max_new_tokens,
+                                      suppress=kepo.suppressed_ids(proc.tokenizer, model)).texts
+    return out
+
+
+def correctness(model, proc, examples: list[Example], a: Args, group_size=1, temperature=0.0) -> torch.Tensor:
+    """[len(examples) * group_size] 1.0 where the completion's answer letter is right (greedy by default)."""
+    texts = completions(model, proc, examples, [prompt_text(e) for e in examples], a, group_size, temperature)
+    return kepo.accuracy_reward(texts, [e.answer for e in examples for _ in range(group_size)])
+
+
+def chance(examples: list[Example]) -> torch.Tensor:
+    """[len(examples)] the expected accuracy of a uniform guess: 1 / the question's number of options."""
+    return torch.tensor([1 / len(e.options) for e in examples])
 
 
 def summarize(examples: list[Example], correct: torch.Tensor, data: Data) -> dict:
@@ -534,10 +660,18 @@ def summarize(examples: list[Example], correct: torch.Tensor, data: Data) -> dic
     return res
 
 
-def cliff_mask(model, proc, examples: list[Example], group_size: int, a: Args) -> list[bool]:
-    """Per prompt: are all G samples (temperature 0.9, as in RL) wrong? The learning cliff."""
-    correct = correctness(model, proc, examples, a, group_size, temperature=0.9).view(-1, group_size)
-    return (correct.amax(1) == 0).tolist()
+def describe_accuracy(model, proc, data: Data, a: Args) -> dict:
+    """Per modality: the share of test images whose greedy description names the right organ (the base premise)."""
+    texts = completions(model, proc, data.test, [DESCRIBE_PROMPT] * len(data.test), a, max_new_tokens=DESCRIBE_TOKENS)
+    hits = torch.tensor([float(f"organ {e.case.organ}" in t) for e, t in zip(data.test, texts)])
+    return {m: v for m, v in summarize(data.test, hits, data).items() if m in data.modalities}
+
+
+def cliff_mask(model, proc, examples: list[Example], a: Args) -> list[bool]:
+    """Per prompt: are all G samples (sampled as in RL) wrong? The learning cliff."""
+    cfg = kepo_config(a)
+    correct = correctness(model, proc, examples, a, cfg.group_size, cfg.temperature)
+    return (correct.view(-1, cfg.group_size).amax(1) == 0).tolist()
 
 
 def cliff_by_type(examples: list[Example], mask: list[bool], data: Data) -> dict:
@@ -547,36 +681,75 @@ def cliff_by_type(examples: list[Example], mask: list[bool], data: Data) -> dict
     return out
 
 
+def premises(rows: dict, cliff: float, described: dict | None) -> list[dict]:
+    """The toy's premises (a miniature is worth running only if they hold), measured before RL."""
+    t, s, c = rows["teacher"], rows["student (before RL)"], rows["chance"]
+    worst_q = min((k for k in t if k.startswith("q/")), key=t.get)
+    worst_m = min((k for k in t if not k.startswith("q/") and k not in ("ID", "OOD")), key=t.get)
+    items = [
+        (f"teacher accuracy, worst question type ({worst_q[2:]})", t[worst_q], TEACHER_MIN_QTYPE, None),
+        (f"teacher accuracy, worst modality ({worst_m})", t[worst_m], TEACHER_MIN_MODALITY, None),
+        ("warm student OOD accuracy", s["OOD"], c["OOD"] + ROOM, t["OOD"] - ROOM),
+        ("warm student ID accuracy", s["ID"], None, t["ID"] - ROOM),
+        ("learning cliff: train prompts with all G samples wrong", cliff, CLIFF_MIN, None),
+    ]
+    if described is not None:
+        worst_d = min(described, key=described.get)
+        items.append((f"base student names the organ, worst modality ({worst_d})", described[worst_d], BASE_MIN, None))
+    return [{"premise": n, "value": v, "min": lo, "max": hi,
+             "holds": (lo is None or v >= lo) and (hi is None or v <= hi)} for n, v, lo, hi in items]
+
+
+def print_premises(items: list[dict]):
+    print("premises (before RL; a comparison of methods means something only where they hold):")
+    for it in items:
+        target = " and ".join(f"{op} {x:.3f}" for op, x in ((">=", it["min"]), ("<=", it["max"])) if x is not None)
+        print(f"  {it['premise']:<62} {it['value']:.3f}  target {target:<22} {'holds' if it['holds'] else 'FAILS'}")
+
+
 # ---------------------------------------------------------------------------------------
 # Cached stages: a stage folder is used only if its marker says it finished with this config
 # ---------------------------------------------------------------------------------------
+def as_json(obj):
+    """obj as it reads back from JSON (tuples become lists), so that stored and live settings compare equal."""
+    return json.loads(json.dumps(obj))
+
+
+def marker(path: str) -> dict:
+    """A finished stage's stage.json: the config it was built with and its times."""
+    with open(os.path.join(path, "stage.json")) as f:
+        return json.load(f)
+
+
 def load_stage(path: str, config: dict):
     """The model saved in `path`, or None if the stage never finished; errors name the folder."""
-    marker = os.path.join(path, "stage.json")
-    if not os.path.exists(marker):
+    if not os.path.exists(os.path.join(path, "stage.json")):
         return None
     try:
-        with open(marker) as f:
-            saved = json.load(f)
+        saved = marker(path)
         model = AutoModelForImageTextToText.from_pretrained(path)
     except Exception as e:
         raise RuntimeError(f"cached stage {path} is corrupt ({type(e).__name__}: {e}); delete it to rebuild") from e
-    if saved["config"] != json.loads(json.dumps(config)):  # compare as stored: tuples become lists
+    if saved["config"] != as_json(config):
         raise RuntimeError(f"cached stage {path} was built with {saved['config']}, not {config}; "
                            "use another --out or delete it")
     return model
 
 
-def save_stage(path: str, model, proc, config: dict):
+def save_stage(path: str, model, proc, config: dict, times: dict):
     """save_pretrained into a temporary folder, then rename: a killed save leaves no half stage."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     proc.save_pretrained(tmp)
     with open(os.path.join(tmp, "stage.json"), "w") as f:
-        json.dump({"config": config}, f, indent=1)
+        json.dump({"config": config, "times": times}, f, indent=1)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
+
+
+def seed_root(a: Args) -> str:
+    return os.path.join(a.out, f"{tag(a)}-seed{a.seed}")
 
 
 def tag(a: Args) -> str:
@@ -585,39 +758,55 @@ def tag(a: Args) -> str:
     return "-".join(parts)
 
 
+def sft_stage(a: Args, path: str, config: dict, proc, init, draw_batch, seed: int, title: str):
+    """A cached supervised stage: the model in `path` if it finished with `config`, else init() trained and saved."""
+    cached = load_stage(path, config)
+    if cached is not None:
+        return cached.to(a.device)
+    print(f"{title} ({config['steps']} steps x {config['batch']})", flush=True)
+    torch.manual_seed(seed)
+    model = init().to(a.device)
+    times = sft(model, proc, draw_batch, config["steps"], config["batch"], config["lr"], a.device,
+                os.path.basename(path), seed)
+    save_stage(path, model, proc, config, times)
+    return model
+
+
+def stage_config(p: dict, data: Data, size: str, steps: str, lr: str) -> dict:
+    return {"size": p[size], "steps": p[steps], "batch": p["sft_batch"], "lr": p[lr], "data": data.fingerprint,
+            "pool": len(data.pool), "image": [IMAGE_SIZE, PATCH]}
+
+
 def teacher_stage(a: Args, p: dict, proc, data: Data):
-    path = os.path.join(a.out, f"{tag(a)}-teacher")
-    config = {"size": p["teacher"], "steps": p["teacher_steps"], "batch": p["teacher_batch"], "lr": p["sft_lr"]}
-    if a.data:
-        config["data"] = data.fingerprint
-    cached = load_stage(path, config)
-    if cached is not None:
-        return cached.to(a.device)
-    print(f"stage 1: teacher SFT on all modalities ({p['teacher_steps']} steps, shared by every seed)")
-    torch.manual_seed(TEACHER_SEED)
-    teacher = build_vlm(proc.tokenizer, *p["teacher"]).to(a.device)
-    sft(teacher, proc, teacher_batch(data.pool), p["teacher_steps"], p["teacher_batch"], p["sft_lr"], a.device,
-        "teacher", TEACHER_SEED)
-    save_stage(path, teacher, proc, config)
-    return teacher
+    """Stage 1: the teacher, a stand-in for a large VLM that knows the task on every modality."""
+    return sft_stage(a, os.path.join(a.out, f"{tag(a)}-teacher"), stage_config(p, data, "teacher", "teacher_steps",
+                                                                                "teacher_lr"),
+                     proc, lambda: build_vlm(proc.tokenizer, *p["teacher"]), teacher_batch(data.pool), PRETRAIN_SEED,
+                     "stage 1: teacher SFT on every modality, also writing hints (shared by every seed)")
 
 
-def student_stage(a: Args, p: dict, proc, root: str, data: Data):
-    path = os.path.join(root, "student_init")
-    config = {"size": p["student"], "steps": p["warm_steps"], "n_warm": p["n_warm"], "lr": p["sft_lr"],
-              "modality": data.train_modality}
+def base_stage(a: Args, p: dict, proc, data: Data) -> str:
+    """Stage 2: the base student, a stand-in for a pretrained VLM: it describes images of every modality.
+
+    Returns its folder (warm-up starts from it). JSONL data has no descriptions: then there is none ("").
+    """
     if a.data:
-        config["data"] = data.fingerprint
-    cached = load_stage(path, config)
-    if cached is not None:
-        return cached.to(a.device)
-    print(f"stage 2: student warm-up SFT on {len(data.warm)} {data.train_modality} questions ({p['warm_steps']} steps)")
-    torch.manual_seed(a.seed + 1)
-    student = build_vlm(proc.tokenizer, *p["student"]).to(a.device)
-    sft(student, proc, warmup_batch(data.warm), p["warm_steps"], p["sft_batch"], p["sft_lr"], a.device, "student",
-        a.seed)
-    save_stage(path, student, proc, config)
-    return student
+        return ""
+    path = os.path.join(a.out, f"{tag(a)}-base")
+    sft_stage(a, path, stage_config(p, data, "student", "base_steps", "sft_lr"), proc,
+              lambda: build_vlm(proc.tokenizer, *p["student"]), describe_batch(data.pool), PRETRAIN_SEED,
+              "stage 2: base student pretraining, describing images of every modality (shared by every seed)")
+    return path
+
+
+def student_stage(a: Args, p: dict, proc, data: Data, base: str):
+    """Stage 3: warm-up SFT of the base student on the small train-modality set (per seed)."""
+    config = stage_config(p, data, "student", "warm_steps", "sft_lr") | {
+        "n_warm": p["n_warm"], "modality": data.train_modality, "base": base and marker(base)["config"]}
+    init = (lambda: AutoModelForImageTextToText.from_pretrained(base)) if base else \
+        (lambda: build_vlm(proc.tokenizer, *p["student"]))
+    return sft_stage(a, os.path.join(seed_root(a), "student_init"), config, proc, init, warmup_batch(data.warm),
+                     a.seed + 1, f"stage 3: student warm-up SFT on {len(data.warm)} {data.train_modality} questions")
 
 
 def load_pretrained(flag: str, path: str, device):
@@ -776,9 +965,9 @@ def rl(a: Args, p: dict, proc, teacher, root: str, cfg: kepo.KEPOConfig, data: D
     # find_unused_parameters: VLMs hold weights no loss reaches (SigLIP's pooling head, for one)
     model = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True) if world > 1 else student
     if rank() == 0:
-        kept = [ln for ln in open(metrics_path) if json.loads(ln)["step"] <= start] if start else []
+        kept = [m for m in read_metrics(run_dir) if m["step"] <= start] if start else []
         with open(metrics_path, "w") as f:  # drop lines logged after the checkpoint we resume from
-            f.writelines(kept)
+            f.writelines(json.dumps(m) + "\n" for m in kept)
     t0 = time.time()
     for step in range(start + 1, p["steps"] + 1):
         exs = rl_batch(a, data.train, step, p["batch_prompts"])[rank()::world]
@@ -821,10 +1010,15 @@ def print_table(rows: dict[str, dict], data: Data):
         print(name.ljust(width) + " ".join(f"{res[c]:10.3f}" for c in cols))
 
 
+def read_metrics(run_dir: str) -> list[dict]:
+    """The run's metrics.jsonl, one dict per logged step."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 def phase_times(run_dir: str) -> dict:
     keys = ["time/generate", "time/hints", "time/teacher", "time/loss_backward", "time/eval"]
-    lines = [json.loads(ln) for ln in open(os.path.join(run_dir, "metrics.jsonl"))]
-    return {k: sum(m.get(k, 0.0) for m in lines) for k in keys}
+    return {k: sum(m.get(k, 0.0) for m in read_metrics(run_dir)) for k in keys}
 
 
 def run_method(a: Args, p: dict, proc, teacher, root: str, before: dict, data: Data, student_src: str) -> dict:
@@ -837,9 +1031,8 @@ def run_method(a: Args, p: dict, proc, teacher, root: str, before: dict, data: D
         if res["settings"] == settings:
             return res
         print(f"{results_path} was made with {res['settings']}, not {settings}: running it again")
-    cfg = kepo.KEPOConfig(group_size=a.group_size, max_new_tokens=a.max_new_tokens, max_hint_tokens=a.max_new_tokens,
-                          tau=a.tau, hint_mode=a.hint_mode)
-    print(f"stage 3: RL ({run_name(a)}) on {len(data.train)} {data.train_modality} questions, {p['steps']} steps x "
+    cfg = kepo_config(a)
+    print(f"stage 4: RL ({run_name(a)}) on {len(data.train)} {data.train_modality} questions, {p['steps']} steps x "
           f"{p['batch_prompts']} prompts x G={a.group_size}")
     start = time.time()
     student, run_dir = rl(a, p, proc, teacher, root, cfg, data, student_src)
@@ -848,7 +1041,7 @@ def run_method(a: Args, p: dict, proc, teacher, root: str, before: dict, data: D
         return None
     rl_time, start = time.time() - start, time.time()
     res = summarize(data.test, correctness(student, proc, data.test, a), data)
-    still = cliff_mask(student, proc, data.cliff, a.group_size, a)
+    still = cliff_mask(student, proc, data.cliff, a)
     was = before["cliff_mask"]
     res["cliff_solved"] = sum(w and not n for w, n in zip(was, still)) / max(sum(was), 1)
     res.update(method=a.method, run=run_name(a), seed=a.seed, preset=a.preset, settings=settings, rl_seconds=rl_time,
@@ -859,20 +1052,27 @@ def run_method(a: Args, p: dict, proc, teacher, root: str, before: dict, data: D
     return res
 
 
-def before_rl(a: Args, p: dict, proc, teacher, student, root: str, data: Data, key: dict) -> dict:
-    """Teacher and student accuracy, and the learning cliff before RL; cached in root, keyed by what made them."""
-    path = os.path.join(root, "before_rl.json")
-    key = json.loads(json.dumps(key | {"n_test": p["n_test"], "n_cliff": p["n_cliff"], "group_size": a.group_size}))
+def before_rl(a: Args, p: dict, proc, teacher, student, base: str, data: Data, key: dict) -> dict:
+    """Chance, teacher and warm-student accuracy, the learning cliff, the base student's descriptions and the
+    premises they make, before RL; cached in the seed's folder, keyed by what produced them."""
+    path = os.path.join(seed_root(a), "before_rl.json")
+    key = as_json(key | {"n_test": p["n_test"], "n_cliff": p["n_cliff"], "group_size": a.group_size})
     if os.path.exists(path):
         with open(path) as f:
             cached = json.load(f)
         if cached.get("key") == key:
             return cached
+    start = time.time()
     torch.manual_seed(a.seed)
-    mask = cliff_mask(student, proc, data.cliff, a.group_size, a)
-    before = {"rows": {"teacher": summarize(data.test, correctness(teacher, proc, data.test, a), data),
-                       "student (before RL)": summarize(data.test, correctness(student, proc, data.test, a), data)},
-              "cliff": cliff_by_type(data.cliff, mask, data), "cliff_mask": mask, "key": key}
+    mask = cliff_mask(student, proc, data.cliff, a)
+    rows = {"chance": summarize(data.test, chance(data.test), data),
+            "teacher": summarize(data.test, correctness(teacher, proc, data.test, a), data),
+            "student (before RL)": summarize(data.test, correctness(student, proc, data.test, a), data)}
+    described = describe_accuracy(AutoModelForImageTextToText.from_pretrained(base).to(a.device), proc, data, a) \
+        if base else None
+    cliff = cliff_by_type(data.cliff, mask, data)
+    before = {"rows": rows, "cliff": cliff, "cliff_mask": mask, "base_describes": described,
+              "premises": premises(rows, cliff["all"], described), "seconds": time.time() - start, "key": key}
     with open(path, "w") as f:
         json.dump(before, f)
     return before
@@ -895,29 +1095,31 @@ def load_data(a: Args, p: dict) -> Data:
 
 
 def main(a: Args) -> dict:
-    """Stages 1-4 for one seed: a.method, or the four methods (--compare), or every variant (--grid)."""
+    """All stages for one seed: a.method, or the four methods (--compare), or every variant (--grid)."""
     p = dict(PRESETS[a.preset])
     p.update({k: getattr(a, k) for k in ("steps", "batch_prompts", "lr", "ckpt_every", "log_every") if getattr(a, k)})
-    root = os.path.join(a.out, f"{tag(a)}-seed{a.seed}")
+    root = seed_root(a)
     os.makedirs(root, exist_ok=True)
     t_all, data = time.time(), load_data(a, p)
     if rank():
         barrier()  # rank 0 builds (or finds) the cached stages first; the others then load them
     if a.student or a.teacher:
         proc, teacher, student, student_src = pretrained_stages(a)
-        key = {"student": os.path.abspath(a.student), "teacher": os.path.abspath(a.teacher)}
+        base, key = "", {"student": os.path.abspath(a.student), "teacher": os.path.abspath(a.teacher)}
     else:
         proc = build_processor(data.pool + data.test if a.data else [])
         teacher = teacher_stage(a, p, proc, data)
-        student = student_stage(a, p, proc, root, data)
+        base = base_stage(a, p, proc, data)
+        student = student_stage(a, p, proc, data, base)
         student_src, key = os.path.join(root, "student_init"), {"student": "student_init", "teacher": "toy"}
     key |= {"data": data.fingerprint, "train_modality": data.train_modality}
-    before = before_rl(a, p, proc, teacher, student, root, data, key) if rank() == 0 else None
+    before = before_rl(a, p, proc, teacher, student, base, data, key) if rank() == 0 else None
     if rank() == 0:
         barrier()
     if before:
         print(f"learning cliff before RL ({data.train_modality} train, G={a.group_size}, all samples wrong): "
               + ", ".join(f"{q} {v:.2f}" for q, v in before["cliff"].items()))
+        print_premises(before["premises"])
     runs = list(VARIANTS) if a.grid else METHOD_ORDER if a.compare else [None]
     runs = [variant_args(a, r) if r else a for r in runs]
     rows = dict(before["rows"]) if before else {}
@@ -926,14 +1128,34 @@ def main(a: Args) -> dict:
         runs = [replace(r, resume=True) for r in runs]
     for r in runs:
         rows[run_name(r)] = run_method(r, p, proc, teacher, root, before, data, student_src)
-    if rank():
-        return rows
-    print(f"\ngreedy accuracy on {len(data.test)} held-out questions (* = in-distribution):")
-    print_table(rows, data)
-    with open(os.path.join(root, "summary.json"), "w") as f:
-        json.dump({"cliff_before_rl": before["cliff"], "rows": rows, "seconds": time.time() - t_all}, f, indent=1)
-    print(f"\nresults in {root}/ ({time.time() - t_all:.0f}s)")
+    if rank() == 0:
+        summarize_seed(a, root, base, before, rows, data, time.time() - t_all)
     return rows
+
+
+def summarize_seed(a: Args, root: str, base: str, before: dict, rows: dict, data: Data, seconds: float):
+    """The accuracy table with chance, the stage times (and data share), and summary.json."""
+    print(f"\ngreedy accuracy on {len(data.test)} held-out questions (* = in-distribution; chance from each "
+          "question's options):")
+    print_table(rows, data)
+    stages = {name: marker(path)["times"] for name, path in stage_paths(a, root, base).items()}
+    stages["before_rl"] = {"seconds": round(before["seconds"], 1)}
+    with open(os.path.join(root, "summary.json"), "w") as f:
+        json.dump({"cliff_before_rl": before["cliff"], "premises": before["premises"], "rows": rows,
+                   "stages": stages, "seconds": seconds}, f, indent=1)
+    print("stage times: " + ", ".join(f"{n} {t['seconds']:.0f}s" + (f" (data {t['data_share']:.1%})"
+                                                                    if "data_share" in t else "")
+                                      for n, t in stages.items()))
+    print(f"\nresults in {root}/ ({seconds:.0f}s)")
+
+
+def stage_paths(a: Args, root: str, base: str) -> dict:
+    """The supervised stages this run trained or reused (none with --student/--teacher)."""
+    if a.student:
+        return {}
+    paths = {"teacher": os.path.join(a.out, f"{tag(a)}-teacher"), "base": base,
+             "warm-up": os.path.join(root, "student_init")}
+    return {n: p for n, p in paths.items() if p}
 
 
 def launch_parallel(a: Args, runs: list[Args]):
@@ -963,56 +1185,95 @@ CURVES = {"reward": "training reward", "cliff_groups": "all-wrong groups", "dist
           "gate_frac": "gate fraction", "eval/OOD": "OOD accuracy (greedy)"}
 
 
-def collect(a: Args) -> dict[str, list[dict]]:
-    """name -> one results dict per seed, for the runs and the before-RL rows under --out."""
-    found = {}
+def collect(a: Args) -> tuple[dict[str, dict[int, dict]], dict[int, dict]]:
+    """(name -> seed -> results, seed -> before-RL record) for the runs and before-RL rows under --out."""
+    found, befores = {}, {}
     for seed_dir in sorted(glob.glob(os.path.join(a.out, f"{tag(a)}-seed*"))):
-        before = os.path.join(seed_dir, "before_rl.json")
-        if os.path.exists(before):
-            for name, row in json.load(open(before))["rows"].items():
-                found.setdefault(name, []).append(row)
+        seed = int(seed_dir.rsplit("-seed", 1)[1])
+        if not os.path.exists(os.path.join(seed_dir, "before_rl.json")):
+            continue
+        with open(os.path.join(seed_dir, "before_rl.json")) as f:
+            befores[seed] = json.load(f)
+        for name, row in befores[seed]["rows"].items():
+            found.setdefault(name, {})[seed] = row
         for path in sorted(glob.glob(os.path.join(seed_dir, "rl-*", "results.json"))):
-            res = json.load(open(path))
-            metrics = [json.loads(ln) for ln in open(os.path.join(os.path.dirname(path), "metrics.jsonl"))]
+            with open(path) as f:
+                res = json.load(f)
+            metrics = read_metrics(os.path.dirname(path))
             for key in ("hint_groups", "hint_accept_rate", "hint_injected"):
                 res[key] = sum(m.get(key, 0.0) for m in metrics) / len(metrics)
             res["curves"] = {k: [m.get(k) for m in metrics] for k in CURVES}
-            found.setdefault(res["run"], []).append(res)
-    return found
+            found.setdefault(res["run"], {})[seed] = res
+    return found, befores
 
 
 def mean_std(values: list[float]) -> str:
+    values = list(values)
     mean = sum(values) / len(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
     return f"{mean:.3f} ± {std:.3f}"
 
 
+def md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def premises_table(befores: dict[int, dict]) -> list[str]:
+    """One row per premise, one column per seed."""
+    seeds = sorted(befores)
+    first = befores[seeds[0]]["premises"]
+    target = lambda it: " and ".join(f"{op} {x:.2f}" for op, x in ((">=", it["min"]), ("<=", it["max"]))  # noqa: E731
+                                     if x is not None)
+    rows = [[it["premise"].split(" (")[0], *(f"{befores[s]['premises'][i]['value']:.3f}"
+                                            + ("" if befores[s]["premises"][i]["holds"] else " ✗") for s in seeds),
+             target(it)] for i, it in enumerate(first)]
+    return md_table(["premise", *(f"seed {s}" for s in seeds), f"target (seed {seeds[0]})"], rows)
+
+
+def paired_table(found: dict[str, dict[int, dict]]) -> list[str]:
+    """KEPO minus each baseline, seed by seed (the same warm student and test questions): mean ± std, wins."""
+    rows = []
+    for other in ("rl-grpo", "rl-opd", "rl-kdpo"):
+        seeds = sorted(set(found.get("rl-kepo", {})) & set(found.get(other, {})))
+        if not seeds:
+            continue
+        cells = []
+        for col in ("OOD", "ID"):
+            diffs = [found["rl-kepo"][s][col] - found[other][s][col] for s in seeds]
+            cells += [mean_std(diffs), f"{sum(d > 0 for d in diffs)}/{len(diffs)}"]
+        rows.append([f"kepo - {other[3:]}", *cells])
+    return md_table(["paired difference", "OOD", "seeds > 0", "ID", "seeds > 0"], rows)
+
+
 def report(a: Args):
-    """Markdown tables (mean ± std over seeds) to {out}/{tag}-report.md, curves to {out}/{tag}-curves.png."""
-    order = ["teacher", "student (before RL)"] + ["rl-" + v for v in VARIANTS]
-    found = dict(sorted(collect(a).items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
-    if not found:
+    """Markdown tables over seeds to {out}/{tag}-report.md, curves to {out}/{tag}-curves.png."""
+    found, befores = collect(a)
+    if not befores:
         raise SystemExit(f"--report: no results under {a.out} for {tag(a)}")
-    data = load_data(a, PRESETS[a.preset])
-    cols = data.modalities + ["ID", "OOD"]
-    lines = ["| run | seeds | " + " | ".join(c + (" (ID)" if c == data.train_modality else "") for c in cols) + " |",
-             "|---" * (len(cols) + 2) + "|"]
-    lines += [f"| {n} | {len(rs)} | " + " | ".join(mean_std([r[c] for r in rs]) for c in cols) + " |"
-              for n, rs in found.items()]
-    qcols = [f"q/{q}" for q in data.qtypes]
-    lines += ["", "| run | " + " | ".join(q[2:] for q in qcols) + " |", "|---" * (len(qcols) + 1) + "|"]
-    lines += [f"| {n} | " + " | ".join(mean_std([r[c] for r in rs]) for c in qcols) + " |" for n, rs in found.items()]
-    hint_runs = {n: rs for n, rs in found.items() if "cliff_solved" in rs[0]}
-    lines += ["", "| run | triggered groups / step | groups with an accepted hint | injected / step | "
-              "cliff prompts solved after RL | RL seconds |", "|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {mean_std([r['hint_groups'] for r in rs])} | {mean_std([r['hint_accept_rate'] for r in rs])} "
-              f"| {mean_std([r['hint_injected'] for r in rs])} | {mean_std([r['cliff_solved'] for r in rs])} "
-              f"| {mean_std([r['rl_seconds'] for r in rs])} |" for n, rs in hint_runs.items()]
+    order = ["chance", "teacher", "student (before RL)"] + ["rl-" + v for v in VARIANTS]
+    found = dict(sorted(found.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    chance_row, train = next(iter(found["chance"].values())), next(iter(befores.values()))["key"]["train_modality"]
+    qcols = [c for c in chance_row if c.startswith("q/")]
+    cols = [c for c in chance_row if c not in qcols and c not in ("ID", "OOD")] + ["ID", "OOD"]
+    lines = premises_table(befores) + [""]
+    lines += md_table(["run", "seeds", *(c + (" (ID)" if c == train else "") for c in cols)],
+                      [[n, str(len(rs)), *(mean_std(r[c] for r in rs.values()) for c in cols)]
+                       for n, rs in found.items()]) + [""]
+    lines += md_table(["run", *(q[2:] for q in qcols)],
+                      [[n, *(mean_std(r[c] for r in rs.values()) for c in qcols)] for n, rs in found.items()]) + [""]
+    lines += paired_table(found) + [""]
+    hint_runs = {n: rs for n, rs in found.items() if n.startswith("rl-")}
+    lines += md_table(["run", "triggered groups / step", "groups with an accepted hint", "injected / step",
+                       "cliff prompts solved after RL", "RL seconds"],
+                      [[n, *(mean_std(r[k] for r in rs.values()) for k in ("hint_groups", "hint_accept_rate",
+                                                                           "hint_injected", "cliff_solved",
+                                                                           "rl_seconds"))]
+                       for n, rs in hint_runs.items()])
     text = "\n".join(lines) + "\n"
     with open(os.path.join(a.out, f"{tag(a)}-report.md"), "w") as f:
         f.write(text)
     print(text)
-    plot_curves(a, hint_runs)
+    plot_curves(a, {n: list(rs.values()) for n, rs in hint_runs.items()})
 
 
 def plot_curves(a: Args, runs: dict[str, list[dict]]):
@@ -1037,7 +1298,8 @@ def plot_curves(a: Args, runs: dict[str, list[dict]]):
         ax.set_title(title)
         ax.set_xlabel("RL step")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{tag(a)}: mean over {len(next(iter(runs.values())))} seeds (per-step curves: 10-step moving average)")
+    seeds = len(next(iter(runs.values())))
+    fig.suptitle(f"{tag(a)}: mean over {seeds} seeds (per-step curves: 10-step moving average)")
     fig.tight_layout()
     path = os.path.join(a.out, f"{tag(a)}-curves.png")
     fig.savefig(path, dpi=110)
