@@ -149,7 +149,10 @@ def step_setup(tokenizer, device="cpu", **cfg):
 
 def tiny_qwen2_vl(seed=0, device="cpu"):
     """A Qwen2-VL (flattened patches + image_grid_thw + mm_token_type_ids) and inputs built by hand."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    import transformers
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    # the PIL image processor (no torchvision) is Qwen2VLImageProcessorPil from transformers 5.4 on
+    image_processor = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
     from PIL import Image
     special = ["<pad>", "<bos>", "<eos>", "<unk>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
     vocab = {w: i for i, w in enumerate(special + WORDS + TAGS)}
@@ -168,7 +171,7 @@ def tiny_qwen2_vl(seed=0, device="cpu"):
     model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(
         text_config=text, vision_config=vision, image_token_id=image_id, video_token_id=3,
         vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"]))
-    images = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56)(
+    images = image_processor(min_pixels=56 * 56, max_pixels=56 * 56)(
         [Image.new("RGB", (56, 56), (i * 90, 30, 30)) for i in range(2)], return_tensors="pt")
     n_image = (images["image_grid_thw"].prod(-1) // 4).tolist()  # 2x2 patches merge into one token
     texts = [f"<|vision_start|> {' '.join(['<|image_pad|>'] * n)} <|vision_end|> {q}"

@@ -97,12 +97,12 @@ class Args:
 
 
 PRESETS = {  # sizes and budgets; RL settings are shared by every method. cpu: default with 4x fewer RL prompts a step
-    "default": dict(teacher_steps=3000, base_steps=1000, warm_steps=150, steps=200, batch_prompts=64, lr=3e-4,
-                    teacher_lr=1e-3, sft_lr=1e-3, sft_batch=64, n_pool=1500, n_train=600, n_warm=200, n_test=200,
+    "default": dict(teacher_steps=4500, base_steps=1000, warm_steps=800, steps=200, batch_prompts=64, lr=3e-4,
+                    teacher_lr=1e-3, sft_lr=1e-3, sft_batch=64, n_pool=1500, n_train=600, n_warm=1000, n_test=200,
                     n_cliff=192, eval_every=25, n_eval_curve=24, ckpt_every=25, log_every=10, student=(48, 2),
                     teacher=(128, 2)),
-    "cpu": dict(teacher_steps=3000, base_steps=1000, warm_steps=150, steps=200, batch_prompts=16, lr=3e-4,
-                teacher_lr=1e-3, sft_lr=1e-3, sft_batch=64, n_pool=1500, n_train=600, n_warm=200, n_test=200,
+    "cpu": dict(teacher_steps=4500, base_steps=1000, warm_steps=800, steps=200, batch_prompts=16, lr=3e-4,
+                teacher_lr=1e-3, sft_lr=1e-3, sft_batch=64, n_pool=1500, n_train=600, n_warm=1000, n_test=200,
                 n_cliff=192, eval_every=25, n_eval_curve=12, ckpt_every=50, log_every=25, student=(48, 2),
                 teacher=(128, 2)),
     "smoke": dict(teacher_steps=8, base_steps=4, warm_steps=4, steps=6, batch_prompts=4, lr=3e-4, teacher_lr=1e-3,
@@ -128,7 +128,7 @@ FINDINGS = ["normal", "tumor", "cyst", "bleed"]
 GRADES = {"small": 3, "medium": 5, "large": 7}  # lesion radius in pixels
 CYST_WALL = 2  # pixels: a cyst is a ring, a tumor a filled disc
 BLUR_RADIUS = 0.6  # Gaussian blur of the drawn image, in pixels
-SPECKLE = {"fan": 40 / 255, "other": 14 / 255}  # weight of the uniform noise blended in (ultrasound is grainier)
+NOISE_WEIGHT = {"fan": 40 / 255, "other": 14 / 255}  # weight of the uniform noise blended in (ultrasound is grainier)
 COUNTS = ["one", "two", "three"]
 SLOTS = [(16, 17), (32, 17), (16, 31), (32, 31)]  # lesion centres; x < 24 is "left"
 QUESTIONS = {
@@ -245,7 +245,7 @@ def draw(case: Case) -> Image.Image:
         draw_lesion(d, case.finding, slot, GRADES[case.grade], lesion_color)
     img = img.filter(ImageFilter.GaussianBlur(BLUR_RADIUS))
     noise = Image.frombytes("L", img.size, rng.randbytes(IMAGE_SIZE * IMAGE_SIZE)).convert("RGB")
-    return Image.blend(img, noise, SPECKLE["fan" if style == "fan" else "other"])
+    return Image.blend(img, noise, NOISE_WEIGHT["fan" if style == "fan" else "other"])
 
 
 def side(case: Case) -> str:
@@ -459,7 +459,7 @@ def prompt_text(ex: Example) -> str:
 
 
 def hint_request_text(ex: Example) -> str:
-    """The teacher is shown the ground truth (option text and letter) and asked for a hint (SPEC 3.3)."""
+    """The teacher is shown the ground truth (option text and letter) and asked for a hint."""
     return f"{prompt_text(ex)} answer {ex.options[string.ascii_lowercase.index(ex.answer)]} {ex.answer} hint"
 
 
@@ -484,6 +484,7 @@ DESCRIBE_PROMPT = "describe the image"  # the base student's pretraining task
 DESCRIBE_TOKENS = 16  # the longest description is 13 words plus EOS
 HINT_SHARE = 0.25  # of the teacher's SFT prompts ask for a hint given the answer; the rest ask the question
 HINTED_SHARE = 0.3  # of the warm-up prompts carry the correct hint, so the student can use one in RL
+REPLAY_SHARE = 0.5  # of each warm-up batch replays the base's describe task on every modality
 MAX_GRAD_NORM = 1.0  # gradient clipping of the supervised stages
 PROGRESS_SECONDS = 10  # a progress line at least this often
 
@@ -604,12 +605,17 @@ def describe_batch(pool: list[Example]):
     return draw_batch
 
 
-def warmup_batch(warm_set: list[Example]):
-    """Student warm-up on the small train-modality set; some prompts carry the (correct) hint, so hints are usable."""
+def warmup_batch(warm_set: list[Example], pool: list[Example]):
+    """Student warm-up: train-modality questions, some with the (correct) hint so that hints are usable, mixed
+    with the base's describe task on every modality (replay, when there is a base) so perception is not forgotten."""
+    describe = describe_batch(pool)
+
     def draw_batch(rng, n):
-        exs = [rng.choice(warm_set) for _ in range(n)]
-        return (exs, [hinted_text(e, e.evidence) if rng.random() < HINTED_SHARE else prompt_text(e) for e in exs],
-                [answer_text(e) for e in exs])
+        n_replay = int(n * REPLAY_SHARE) if pool else 0
+        exs = [rng.choice(warm_set) for _ in range(n - n_replay)]
+        prompts = [hinted_text(e, e.evidence) if rng.random() < HINTED_SHARE else prompt_text(e) for e in exs]
+        replay = describe(rng, n_replay)
+        return exs + replay[0], prompts + replay[1], [answer_text(e) for e in exs] + replay[2]
     return draw_batch
 
 
@@ -800,13 +806,25 @@ def base_stage(a: Args, p: dict, proc, data: Data) -> str:
 
 
 def student_stage(a: Args, p: dict, proc, data: Data, base: str):
-    """Stage 3: warm-up SFT of the base student on the small train-modality set (per seed)."""
+    """Stage 3: warm-up SFT of the base student on train-modality questions (per seed).
+
+    The base's vision tower is frozen: warm-up teaches the answer format and the option lookup
+    without retuning perception to the train modality alone, and half of every batch replays
+    the base's describe task on every modality, so that what the base perceives is not forgotten.
+    """
     config = stage_config(p, data, "student", "warm_steps", "sft_lr") | {
-        "n_warm": p["n_warm"], "modality": data.train_modality, "base": base and marker(base)["config"]}
-    init = (lambda: AutoModelForImageTextToText.from_pretrained(base)) if base else \
-        (lambda: build_vlm(proc.tokenizer, *p["student"]))
-    return sft_stage(a, os.path.join(seed_root(a), "student_init"), config, proc, init, warmup_batch(data.warm),
-                     a.seed + 1, f"stage 3: student warm-up SFT on {len(data.warm)} {data.train_modality} questions")
+        "n_warm": p["n_warm"], "modality": data.train_modality, "base": base and marker(base)["config"],
+        "frozen": "vision_tower" if base else "", "replay": REPLAY_SHARE if base else 0.0}
+
+    def init():
+        if not base:
+            return build_vlm(proc.tokenizer, *p["student"])
+        model = AutoModelForImageTextToText.from_pretrained(base)
+        model.model.vision_tower.requires_grad_(False)  # perception stays pretrained, as in LLaVA instruction tuning
+        return model
+    batches = warmup_batch(data.warm, data.pool if base else [])
+    return sft_stage(a, os.path.join(seed_root(a), "student_init"), config, proc, init, batches, a.seed + 1,
+                     f"stage 3: student warm-up SFT on {len(data.warm)} {data.train_modality} questions")
 
 
 def load_pretrained(flag: str, path: str, device):
