@@ -48,6 +48,7 @@ import string
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import asdict, dataclass, field, fields, replace
 
 # transformers warns at import about optional backends (torchvision) that the toy does not need
@@ -536,6 +537,19 @@ def user_turn(proc, text: str) -> str:
     return f"{proc.image_token} {text}"
 
 
+TOKEN_IDS = weakref.WeakKeyDictionary()  # tokenizer -> {text: ids}
+
+
+def token_ids(tok, texts: list[str]) -> list[list[int]]:
+    """The token ids of each text, cached per tokenizer: the toy's prompts and targets repeat, and
+    tokenizing them again was most of the cost of preparing a batch."""
+    cache = TOKEN_IDS.setdefault(tok, {})
+    new = [t for t in dict.fromkeys(texts) if t not in cache]
+    if new:
+        cache.update(zip(new, tok(new).input_ids))
+    return [cache[t] for t in texts]
+
+
 def encode(proc, examples: list[Example], texts: list[str], device, targets: list[str] = ()) -> kepo.PromptBatch:
     """Prompts (plus SFT targets after them) with their images; every processor output but the text is vision.
 
@@ -545,9 +559,11 @@ def encode(proc, examples: list[Example], texts: list[str], device, targets: lis
     """
     full = [user_turn(proc, t) + (f" {targets[i]}" if targets else "") for i, t in enumerate(texts)]
     if all(e.pixels is not None for e in examples):
-        enc = proc.tokenizer([t.replace(proc.image_token, proc.image_token * IMAGE_TOKENS) for t in full],
-                             return_tensors="pt", padding=True)
-        enc["pixel_values"] = (torch.stack([e.pixels for e in examples]).float() * (1 / 255) - PIXEL_MEAN) / PIXEL_STD
+        ids = token_ids(proc.tokenizer, [t.replace(proc.image_token, proc.image_token * IMAGE_TOKENS) for t in full])
+        width = max(map(len, ids))  # left padding, as the toy's tokenizer pads
+        enc = {"input_ids": torch.tensor([[proc.tokenizer.pad_token_id] * (width - len(i)) + i for i in ids]),
+               "attention_mask": torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids]),
+               "pixel_values": (torch.stack([e.pixels for e in examples]).float() * (1 / 255) - PIXEL_MEAN) / PIXEL_STD}
     else:
         enc = proc(text=full, images=[image_of(e) for e in examples], return_tensors="pt", padding=True)
     vision = {k: v.to(device) for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
@@ -569,7 +585,7 @@ def sft(model, proc, draw_batch, steps: int, batch_size: int, lr: float, device,
         examples, prompts, targets = draw_batch(rng, batch_size)
         batch = encode(proc, examples, prompts, device, targets)
         labels = batch.input_ids.clone()  # prompt and padding are labelled -100: only targets are learned
-        for i, n in enumerate(len(ids) for ids in proc.tokenizer(targets).input_ids):
+        for i, n in enumerate(len(ids) for ids in token_ids(proc.tokenizer, targets)):
             labels[i, :labels.shape[1] - n] = -100
         data_time += time.perf_counter() - t
         loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.vision,
