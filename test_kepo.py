@@ -171,8 +171,11 @@ def tiny_qwen2_vl(seed=0, device="cpu"):
     model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(
         text_config=text, vision_config=vision, image_token_id=image_id, video_token_id=3,
         vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"]))
-    images = image_processor(min_pixels=56 * 56, max_pixels=56 * 56)(
-        [Image.new("RGB", (56, 56), (i * 90, 30, 30)) for i in range(2)], return_tensors="pt")
+    try:
+        processor = image_processor(min_pixels=56 * 56, max_pixels=56 * 56)
+    except ImportError as e:  # transformers 5.4 asks for torchvision even for the PIL processor
+        pytest.skip(f"this transformers cannot build a Qwen2-VL image processor: {str(e).strip()[:80]}")
+    images = processor([Image.new("RGB", (56, 56), (i * 90, 30, 30)) for i in range(2)], return_tensors="pt")
     n_image = (images["image_grid_thw"].prod(-1) // 4).tolist()  # 2x2 patches merge into one token
     texts = [f"<|vision_start|> {' '.join(['<|image_pad|>'] * n)} <|vision_end|> {q}"
              for n, q in zip(n_image, ["what finding is shown options a b", "what is shown"])]

@@ -32,7 +32,7 @@ A miniature of the paper's protocol, nothing downloaded:
 Simplified on purpose: tiny models and a toy task, so that a run takes minutes; the RL
 step itself is kepo.kepo_step, unchanged from what a real trainer would call.
 Beyond the toy: --data reads OmniMedVQA-style JSONL (checked before anything trains),
---student/--teacher replace stages 1-2 by local checkpoints of any family the Auto classes
+--student/--teacher replace stages 1-3 by local checkpoints of any family the Auto classes
 load, and torchrun shards each step's prompts over processes that hold a DDP student.
 """
 import argparse
@@ -571,7 +571,7 @@ def encode(proc, examples: list[Example], texts: list[str], device, targets: lis
 
 
 # ---------------------------------------------------------------------------------------
-# Stages 1-2: supervised fine-tuning of the teacher and warm-up of the student
+# Stages 1-3: supervised fine-tuning of the teacher, the base student and its warm-up
 # ---------------------------------------------------------------------------------------
 def sft(model, proc, draw_batch, steps: int, batch_size: int, lr: float, device, name: str, seed: int) -> dict:
     """AdamW on batches (examples, prompts, targets) = draw_batch(rng, batch_size), cross-entropy on targets only.
@@ -636,7 +636,7 @@ def warmup_batch(warm_set: list[Example], pool: list[Example]):
 
 
 # ---------------------------------------------------------------------------------------
-# Stage 4: greedy evaluation, and the learning-cliff measurement before RL
+# Evaluation: greedy accuracy, chance, the learning cliff and the premises before RL (stages 3 and 5)
 # ---------------------------------------------------------------------------------------
 def kepo_config(a: Args) -> kepo.KEPOConfig:
     """The one KEPOConfig of a run: the flags that set it, the authors' defaults for the rest."""
@@ -852,7 +852,7 @@ def load_pretrained(flag: str, path: str, device):
 
 
 def pretrained_stages(a: Args):
-    """Stages 1-2 replaced by local checkpoints: (processor, teacher, student, where the student is)."""
+    """Stages 1-3 replaced by local checkpoints: (processor, teacher, student, where the student is)."""
     if not (a.student and a.teacher):
         raise ValueError("--student and --teacher go together: every method but grpo needs the teacher, "
                          "and the table compares with it")
@@ -920,7 +920,7 @@ def rng_states() -> list:
 
 
 # ---------------------------------------------------------------------------------------
-# Stage 3: RL on the train modality, with checkpoints and resume
+# Stage 4: RL on the train modality, with checkpoints and resume
 # ---------------------------------------------------------------------------------------
 def run_name(a: Args) -> str:
     name = f"rl-{a.method}"
@@ -1056,7 +1056,7 @@ def phase_times(run_dir: str) -> dict:
 
 
 def run_method(a: Args, p: dict, proc, teacher, root: str, before: dict, data: Data, student_src: str) -> dict:
-    """Stages 3 and 4 for one method or ablation; results.json is written and returned (None off rank 0)."""
+    """Stages 4-5 (RL, evaluation) for one method or ablation; writes and returns results.json (None off rank 0)."""
     results_path = os.path.join(root, run_name(a), "results.json")
     settings = {k: p[k] for k in ("steps", "batch_prompts", "lr")} | {"group_size": a.group_size}
     if a.resume and os.path.exists(results_path):
