@@ -3,7 +3,7 @@
     python train_small.py                     # KEPO, default preset (one GPU)
     python train_small.py --preset smoke      # the whole pipeline on CPU in well under a minute
     python train_small.py --compare           # grpo, opd, kdpo, kepo from the same student and seed
-    python train_small.py --grid              # every method and ablation for 3 seeds, then a report
+    python train_small.py --grid --seeds 1,2,3,4,5   # every method and ablation per seed, then a report
     python train_small.py --data omni.jsonl --student ckpt/student --teacher ckpt/teacher   # beyond the toy
     torchrun --nproc_per_node 4 train_small.py ...                  # one process per GPU (DDP)
 
@@ -87,7 +87,7 @@ class Args:
     ckpt_every: int = arg(0, "RL checkpoint interval in steps (0: the preset's)")
     log_every: int = arg(0, "progress line interval in steps (0: the preset's)")
     grid: bool = arg(False, "every method and ablation for each of --seeds (finished runs are reused), then --report")
-    seeds: str = arg("1,2,3", "seeds of --grid, comma-separated")
+    seeds: str = arg("1,2,3,4,5", "seeds of --grid, comma-separated")
     jobs: int = arg(1, "RL runs in parallel processes (a GPU box with many cores); 1 runs them in turn")
     report: bool = arg(False, "aggregate the results under --out: mean ± std tables and curves (needs matplotlib)")
     student: str = arg("", "local HF VLM checkpoint (model + processor) to train instead of the toy student")
@@ -977,6 +977,34 @@ def hint_prompts(exs: list[Example], proc, device) -> kepo.HintPrompts:
                                          [hinted_text(exs[i], h) for i, h in zip(idx, hints)], device))
 
 
+RANK_SEED_STRIDE = 7919  # a prime: each rank's sampling seed, far from the next run's seed
+
+
+def rl_start(a: Args, p: dict, run_dir: str, student_src: str):
+    """(student, optimizer, last finished step): from the run's checkpoint with --resume, else fresh."""
+    opt_factory = lambda m: torch.optim.AdamW(m.parameters(), lr=p["lr"], weight_decay=0.0)  # noqa: E731
+    if a.resume and os.path.exists(os.path.join(run_dir, "ckpt")):
+        student, opt, start = load_checkpoint(run_dir, opt_factory, a.device)
+        print(f"resumed {run_dir} at step {start}")
+        return student, opt, start
+    student = AutoModelForImageTextToText.from_pretrained(student_src).to(a.device)
+    opt = opt_factory(student)
+    torch.manual_seed(a.seed + RANK_SEED_STRIDE * rank())  # rank 0 samples as a single process does
+    return student, opt, 0
+
+
+def log_step(metrics_path: str, m: dict, steps: int, rate: float, show: bool):
+    """Append the step's metrics to metrics.jsonl (rank 0) and, if `show`, print a progress line."""
+    if rank() == 0:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+    if show:
+        print(f"  step {m['step']:4d}/{steps} reward {m['reward']:.2f} acc {m['sample_accuracy']:.2f} "
+              f"cliff {m['cliff_groups']:.2f} gate {m.get('gate_frac', 0):.2f} "
+              f"hint-acc {m.get('hint_accept_rate', 0):.2f} | {rate:.2f} steps/s ETA {(steps - m['step']) / rate:.0f}s",
+              flush=True)
+
+
 def rl(a: Args, p: dict, proc, teacher, root: str, cfg: kepo.KEPOConfig, data: Data, student_src: str):
     """RL on the train modality with kepo.kepo_step; returns the trained student. Metrics go to metrics.jsonl.
 
@@ -987,15 +1015,8 @@ def rl(a: Args, p: dict, proc, teacher, root: str, cfg: kepo.KEPOConfig, data: D
         raise ValueError(f"--batch-prompts {p['batch_prompts']} must divide among {world} processes")
     os.makedirs(run_dir, exist_ok=True)
     ref = AutoModelForImageTextToText.from_pretrained(student_src).to(a.device).requires_grad_(False)
-    opt_factory = lambda m: torch.optim.AdamW(m.parameters(), lr=p["lr"], weight_decay=0.0)  # noqa: E731
-    metrics_path, start = os.path.join(run_dir, "metrics.jsonl"), 0
-    if a.resume and os.path.exists(os.path.join(run_dir, "ckpt")):
-        student, opt, start = load_checkpoint(run_dir, opt_factory, a.device)
-        print(f"resumed {run_dir} at step {start}")
-    else:
-        student = AutoModelForImageTextToText.from_pretrained(student_src).to(a.device)
-        opt = opt_factory(student)
-        torch.manual_seed(a.seed + 7919 * rank())  # rank 0 samples as a single process does
+    student, opt, start = rl_start(a, p, run_dir, student_src)
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
     # find_unused_parameters: VLMs hold weights no loss reaches (SigLIP's pooling head, for one)
     model = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True) if world > 1 else student
     if rank() == 0:
@@ -1014,15 +1035,8 @@ def rl(a: Args, p: dict, proc, teacher, root: str, cfg: kepo.KEPOConfig, data: D
             te = time.time()
             m["eval/OOD"] = summarize(data.curve, correctness(student, proc, data.curve, a), data)["OOD"]
             m["time/eval"] = time.time() - te
-        if rank() == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(m) + "\n")
-        if step % p["log_every"] == 0 or step == p["steps"]:
-            rate = (step - start) / (time.time() - t0)
-            print(f"  step {step:4d}/{p['steps']} reward {m['reward']:.2f} acc {m['sample_accuracy']:.2f} "
-                  f"cliff {m['cliff_groups']:.2f} gate {m.get('gate_frac', 0):.2f} "
-                  f"hint-acc {m.get('hint_accept_rate', 0):.2f} | {rate:.2f} steps/s "
-                  f"ETA {(p['steps'] - step) / rate:.0f}s")
+        log_step(metrics_path, m, p["steps"], (step - start) / (time.time() - t0),
+                 show=step % p["log_every"] == 0 or step == p["steps"])
         if step % p["ckpt_every"] == 0:
             save_checkpoint(run_dir, step, student, proc, opt)
     if rank() == 0:
@@ -1177,9 +1191,9 @@ def summarize_seed(a: Args, root: str, base: str, before: dict, rows: dict, data
     with open(os.path.join(root, "summary.json"), "w") as f:
         json.dump({"cliff_before_rl": before["cliff"], "premises": before["premises"], "rows": rows,
                    "stages": stages, "seconds": seconds}, f, indent=1)
-    print("stage times: " + ", ".join(f"{n} {t['seconds']:.0f}s" + (f" (data {t['data_share']:.1%})"
-                                                                    if "data_share" in t else "")
-                                      for n, t in stages.items()))
+    times = [f"{n} {t['seconds']:.0f}s" + (f" (data {t['data_share']:.1%})" if "data_share" in t else "")
+             for n, t in stages.items()]
+    print("stage times (as each was trained; cached stages are reused): " + ", ".join(times))
     print(f"\nresults in {root}/ ({seconds:.0f}s)")
 
 
