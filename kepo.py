@@ -21,7 +21,7 @@ code (GKD and TRL normalise the same way), not the (1/G)-weighted sum of eq. 7 a
 gate tightens. An empty gate gives exactly 0.
 
 Method names (`kepo_step(method=...)`):
-  grpo  policy_loss only (steps 1-4 below without the gate and hints)
+  grpo  the policy loss only (sections 1-3 and 8 below: no gate, no teacher, no hints)
   opd   on-policy distillation (GKD with lambda = 1): the JSD on every rollout, no reward term
   kdpo  GRPO + quality-gated distillation, no hints (the authors' name for this ablation)
   kepo  kdpo + hints (knowledge-enhanced exploration) on cliff groups
