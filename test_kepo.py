@@ -692,6 +692,11 @@ def ddp_worker():
           f"max grad diff {(grads(student) - grads(single)).abs().max().item():.2e}")
     assert torch.allclose(mean, loss, atol=1e-6), (mean, loss)
     assert torch.allclose(grads(student), grads(single), atol=1e-6)
+    # Tear down in order. DDP's reducer holds the process group, and gloo's worker thread frees
+    # each finished all_reduce (whose tensors need the GIL) after the caller has moved on; a
+    # group destroyed under the GIL before that deadlocks. The barrier drains the queue first.
+    del ddp
+    dist.barrier()
     dist.destroy_process_group()
 
 
