@@ -33,8 +33,8 @@ One training step, in reading order of this file:
   4. quality gate .......... quality_gate
   5. teacher divergence .... generalized_jsd, distillation_loss
   6. hint learning ......... extract_hint, write_hints
-  7. rejection sampling .... rejection_sample, cliff_groups, inject, knowledge_enhance
-  8. loss and step ......... kepo_loss, kepo_step
+  7. rejection sampling .... tries_per_call, rejection_sample, cliff_groups, inject, knowledge_enhance
+  8. loss and step ......... micro_batch_loss, kepo_backward, kepo_step
 (In a step, hints (6-7) run right after the reward (2), before the advantages are computed.)
 
 Deliberate differences from the authors' code, each with its reason:
@@ -86,16 +86,22 @@ PromptBatch from its processor's output (everything but input_ids/attention_mask
 Multi-GPU (DDP): each rank calls kepo_step on its own prompts with the student wrapped in
 DistributedDataParallel; the distillation term is normalised by the gated tokens of all
 ranks, so the update equals one process's on the global batch (tested with torchrun).
+
+Memory: the loss runs cfg.micro_batch_size rows at a time with exact gradient accumulation,
+and the JSD JSD_CHUNK_TOKENS tokens at a time, so no fp32 [N, T, V] tensor is ever built.
+Models may be bf16: log-softmax, the JSD and the policy loss are computed in fp32.
 """
+import math
 import re
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
+from torch.utils.checkpoint import checkpoint
 
 METHODS = ("grpo", "opd", "kdpo", "kepo")
 HINT_MODES = ("adaptive", "always")  # hints for cliff groups only, or for every group
@@ -122,6 +128,7 @@ class KEPOConfig:
     hint_mode: str = "adaptive"  # "adaptive": hints for cliff groups only; "always": every group
     cliff_trigger: str = "accuracy"  # cliff = no correct rollout ("accuracy") or all-zero reward ("reward")
     max_grad_norm: float = 1.0  # gradient clipping
+    micro_batch_size: int | None = None  # rows per forward and backward (exact gradient accumulation); None: all
 
     def __post_init__(self):
         """Refuse settings that would silently mean something else, naming the field."""
@@ -138,6 +145,7 @@ class KEPOConfig:
             ("max_new_tokens", min(self.max_new_tokens, self.max_hint_tokens) >= 1,
              "and max_hint_tokens must be >= 1"),
             ("beta_rl", self.beta_rl >= 0, "must be >= 0"),
+            ("micro_batch_size", self.micro_batch_size is None or self.micro_batch_size >= 1, "must be None or >= 1"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -256,9 +264,10 @@ def completion_logits(model, rollouts: Rollouts, suppress: list[int] = ()) -> to
 
 
 def selective_logps(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """[N, T] log pi(ids | prefix) from logits [N, T, V], in fp32 one row at a time.
+    """[N, T] log pi(ids | prefix) from logits [N, T, V] (any dtype), in fp32 one row at a time.
 
-    Only the gathered values are kept: a full fp32 log_softmax of [N, T, V] is never held.
+    The forward keeps only the gathered values; autograd still saves each row's fp32
+    log_softmax for backward, which is why kepo_backward runs cfg.micro_batch_size rows at a time.
     """
     return torch.stack([(row.float() / temperature).log_softmax(-1).gather(-1, i[:, None]).squeeze(-1)
                         for row, i in zip(logits, ids)])
@@ -354,29 +363,45 @@ def quality_gate(rewards: torch.Tensor, tau: float | None) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 # 5. Token-level teacher divergence: the generalized JSD of GKD (arXiv 2306.13649), on-policy
 # ---------------------------------------------------------------------------------------
-def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
-                    beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
-    """[] generalized JSD summed over masked tokens / their count (0.0 for an empty mask).
+JSD_CHUNK_TOKENS = 64  # tokens per JSD chunk: its fp32 [64, V] temporaries are recomputed in backward, not kept
 
-    Logits [N, T, V], mask [N, T]. With M = beta p_T + (1-beta) p_S:
-    JSD = beta KL(p_T || M) + (1-beta) KL(p_S || M); beta=0 is KL(p_T || p_S) (forward),
-    beta=1 is KL(p_S || p_T) (reverse), the GKD / TRL convention.
+
+def jsd_token_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float,
+                  temperature: float) -> torch.Tensor:
+    """[] generalized JSD summed over tokens; logits [M, V] (any dtype), the maths in fp32.
+
+    With M = beta p_T + (1-beta) p_S: JSD = beta KL(p_T || M) + (1-beta) KL(p_S || M);
+    beta=0 is KL(p_T || p_S) (forward), beta=1 is KL(p_S || p_T) (reverse), the GKD / TRL convention.
     """
     s = (student_logits.float() / temperature).log_softmax(-1)
     t = (teacher_logits.float() / temperature).log_softmax(-1)
     # F.kl_div(input, target) is KL(target || input), the reverse of the maths' argument order:
     # F.kl_div(s, t) below is KL(p_T || p_S), and F.kl_div(m, t) is KL(p_T || M)
     if beta == 0:
-        per_token = F.kl_div(s, t, reduction="none", log_target=True).sum(-1)
-    elif beta == 1:
-        per_token = F.kl_div(t, s, reduction="none", log_target=True).sum(-1)
-    else:
-        m = torch.logsumexp(torch.stack([t + torch.log(torch.tensor(beta)),
-                                         s + torch.log(torch.tensor(1 - beta))]), 0)
-        per_token = (beta * F.kl_div(m, t, reduction="none", log_target=True)
-                     + (1 - beta) * F.kl_div(m, s, reduction="none", log_target=True)).sum(-1)
-    mask = mask.to(per_token.dtype)
-    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+        return F.kl_div(s, t, reduction="sum", log_target=True)
+    if beta == 1:
+        return F.kl_div(t, s, reduction="sum", log_target=True)
+    m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1 - beta)]), 0)
+    return (beta * F.kl_div(m, t, reduction="sum", log_target=True)
+            + (1 - beta) * F.kl_div(m, s, reduction="sum", log_target=True))
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                    beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+    """[] generalized JSD (see jsd_token_sum) summed over masked tokens / their count (0.0 for an empty mask).
+
+    Logits [N, T, V], mask [N, T]. Only the masked tokens are taken, JSD_CHUNK_TOKENS at a
+    time under activation checkpointing, so memory beyond the logits themselves does not grow
+    with N or T (the fp32 [N, T, V] tensors of a direct computation are 20 GB at
+    N=64, T=512, V=151,936).
+    """
+    keep = mask.bool()
+    s, t = student_logits[keep], teacher_logits[keep]  # [M, V]
+    if len(s) == 0:
+        return student_logits.sum() * 0.0
+    total = sum(checkpoint(jsd_token_sum, s_chunk, t_chunk, beta, temperature, use_reentrant=False)
+                for s_chunk, t_chunk in zip(s.split(JSD_CHUNK_TOKENS), t.split(JSD_CHUNK_TOKENS)))
+    return total / len(s)
 
 
 def world_size() -> int:
@@ -391,27 +416,32 @@ def data_parallel_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher, rollouts: Rollouts, gate: torch.Tensor,
-                      cfg: KEPOConfig, suppress: list[int] = ()) -> torch.Tensor:
-    """[] gated JSD: the teacher (no grad) scores only the gated rows of the student's rollouts.
+def gated_tokens(rollouts: Rollouts, gate: torch.Tensor) -> torch.Tensor:
+    """[] completion tokens of the gated rows (gate [N] bool), summed over data-parallel ranks.
 
-    student_logits: [N, T, V] from completion_logits; gate: [N] bool. An empty gate is an
-    exact, differentiable 0 and costs no teacher forward. Under torch.distributed the JSD is
-    a token mean over the gated tokens of all ranks (rows are this rank's shard).
+    A collective under torch.distributed: every rank calls it, gated rows or not.
+    """
+    return data_parallel_sum(rollouts.completion_mask[gate].sum().float())
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher, rollouts: Rollouts, gate: torch.Tensor,
+                      cfg: KEPOConfig, all_tokens: torch.Tensor, suppress: list[int] = ()) -> torch.Tensor:
+    """[] this batch's gated JSD token sum / all_tokens; the teacher (no grad) scores only the gated rows.
+
+    student_logits: [N, T, V] from completion_logits; gate: [N] bool; all_tokens: the
+    `gated_tokens` of the whole step, so micro-batches and ranks add up to one token mean
+    over the global batch. An empty gate is an exact, differentiable 0 and costs no teacher forward.
     """
     rows = gate.nonzero().squeeze(1)
-    tokens = rollouts.completion_mask[rows].sum().float()
-    all_tokens = data_parallel_sum(tokens)  # a collective: every rank calls it, gated rows or not
     if rows.numel() == 0:
         return student_logits.sum() * 0.0
     with torch.no_grad():
         teacher_logits = completion_logits(teacher, rollouts.select(rows), suppress)
-    jsd = generalized_jsd(student_logits[rows], teacher_logits, rollouts.completion_mask[rows],
-                          cfg.beta_jsd, cfg.jsd_temperature)
-    world = world_size()
-    # DDP averages gradients over ranks; rescaling each rank's token mean by its share of the
-    # gated tokens makes that average the token mean over the global batch
-    return jsd * tokens * world / all_tokens if world > 1 else jsd
+    mask = rollouts.completion_mask[rows]
+    jsd = generalized_jsd(student_logits[rows], teacher_logits, mask, cfg.beta_jsd, cfg.jsd_temperature)
+    # DDP averages gradients over ranks, hence the factor world_size: the average of the ranks'
+    # token sums / all_tokens * world is the token mean over the global batch
+    return jsd * mask.sum() * world_size() / all_tokens
 
 
 # ---------------------------------------------------------------------------------------
@@ -450,23 +480,34 @@ def write_hints(teacher, tokenizer, requests: PromptBatch, cfg: KEPOConfig,
 # ---------------------------------------------------------------------------------------
 # 7. Rejection sampling and injection: correct hinted samples join the hint-free group
 # ---------------------------------------------------------------------------------------
+def tries_per_call(device: torch.device, max_attempts: int) -> int:
+    """Rejection-sampling tries batched into one `generate` call: all of them on an accelerator,
+    where generation is bound by per-token overhead and 5x the rows cost about one try; one on
+    a CPU, whose cost grows with the rows (measured there: all-in-one took 94 ms a step, one at a time 84 ms)."""
+    return 1 if torch.device(device).type == "cpu" else max_attempts
+
+
 def rejection_sample(student, tokenizer, hinted: PromptBatch, answers: list[str], cfg: KEPOConfig,
                      suppress: list[int] = ()) -> list[list[tuple[torch.Tensor, str]]]:
     """Up to K = cfg.num_hinted correct (ids [L], text) samples per hinted prompt.
 
-    Each try samples K completions for every prompt still short of K; each correct sample is
-    kept on its own (per-sample acceptance); at most cfg.max_attempts tries.
+    The paper's loop: up to cfg.max_attempts tries of K samples for every prompt still short
+    of K, each correct sample kept on its own (per-sample acceptance). A `generate` call
+    draws `tries_per_call` tries at once, and the first correct samples in sampling order are
+    kept: the ones the tries, made in turn, would keep.
     """
     k, accepted = cfg.num_hinted, [[] for _ in answers]
-    for _ in range(cfg.max_attempts):
+    per_call = tries_per_call(hinted.input_ids.device, cfg.max_attempts)
+    for first in range(0, cfg.max_attempts, per_call):
         todo = [i for i, acc in enumerate(accepted) if len(acc) < k]
         if not todo:
             break
-        out = generate_rollouts(student, tokenizer, hinted.select(todo), k, temperature=cfg.temperature,
+        n = k * min(per_call, cfg.max_attempts - first)  # samples per prompt in this call
+        out = generate_rollouts(student, tokenizer, hinted.select(todo), n, temperature=cfg.temperature,
                                 top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, suppress=suppress)
-        correct = accuracy_reward(out.texts, [answers[i] for i in todo for _ in range(k)])
-        for row in correct.nonzero().squeeze(1).tolist():
-            i = todo[row // k]
+        correct = accuracy_reward(out.texts, [answers[i] for i in todo for _ in range(n)])
+        for row in correct.nonzero().squeeze(1).tolist():  # rows in sampling order
+            i = todo[row // n]
             if len(accepted[i]) < k:
                 accepted[i].append((out.completion_ids[row][out.completion_mask[row].bool()], out.texts[row]))
     return accepted
@@ -554,30 +595,59 @@ def method_tau(method: str, cfg: KEPOConfig) -> float | None:
     return {"grpo": None, "opd": 0.0}.get(method, cfg.tau)
 
 
-def kepo_loss(student, teacher, rollouts: Rollouts, rewards: torch.Tensor, method: str, cfg: KEPOConfig,
-              ref_model=None, suppress: list[int] = ()) -> tuple[torch.Tensor, dict]:
-    """[] the loss of eq. 7 for `method` on scored rollouts (rewards [N]), and its parts for logging.
+def micro_batches(n: int, size: int | None, device) -> tuple[torch.Tensor, ...]:
+    """Row indices [m] of consecutive chunks of `size` rows covering 0..n-1 (one chunk if size is None)."""
+    return torch.arange(n, device=device).split(size or n)
 
-    loss = policy_loss + distill_coef * gated JSD; opd has no policy term (GKD: the JSD alone),
-    grpo's gate is empty (its distillation term is an exact 0 and runs no teacher).
+
+def micro_batch_loss(student, teacher, rollouts: Rollouts, advantages: torch.Tensor, gate: torch.Tensor,
+                     method: str, cfg: KEPOConfig, n: int, all_tokens: torch.Tensor, ref_model=None,
+                     suppress: list[int] = ()) -> tuple[torch.Tensor, dict]:
+    """[] the share of eq. 7's loss carried by m of the step's n rows (advantages, gate: [m]), and its parts.
+
+    Sequence terms are weighted m / n and JSD tokens divided by the step's gated tokens, so
+    the micro-batches' losses (and gradients) add up to the loss of the whole batch.
     """
     logits = completion_logits(student, rollouts, suppress)
     logps = selective_logps(logits, rollouts.completion_ids, cfg.temperature)
-    mask, parts = rollouts.completion_mask, {}
+    mask, share, parts = rollouts.completion_mask, len(advantages) / n, {}
     ref_logps = reference_logps(ref_model, rollouts, logps, cfg, suppress)
     if method == "opd":
         policy = logits.new_zeros(())
     else:
-        policy = policy_loss(logps, logps.detach(), group_advantages(rewards, cfg.group_size), mask, cfg.clip_eps,
-                             ref_logps, cfg.beta_rl)
-    gate = quality_gate(rewards, method_tau(method, cfg)).to(logits.device)
+        policy = share * policy_loss(logps, logps.detach(), advantages, mask, cfg.clip_eps, ref_logps, cfg.beta_rl)
     with timed(parts, "time/teacher", logits.device):
-        distill = distillation_loss(logits, teacher, rollouts, gate, cfg, suppress)
+        distill = distillation_loss(logits, teacher, rollouts, gate, cfg, all_tokens, suppress)
     loss = policy + cfg.distill_coef * distill  # eq. 7, negated: J is maximised, the loss minimised
-    parts.update(policy_loss=policy.item(), distill_loss=distill.item(), gate_frac=gate.float().mean().item())
+    parts.update(loss=loss.item(), policy_loss=policy.item(), distill_loss=distill.item())
     if ref_logps is not None:
-        parts["kl"] = masked_mean_per_sequence(k3_kl(logps.detach(), ref_logps), mask).item()
+        parts["kl"] = share * masked_mean_per_sequence(k3_kl(logps.detach(), ref_logps), mask).item()
     return loss, parts
+
+
+def kepo_backward(student, teacher, rollouts: Rollouts, rewards: torch.Tensor, method: str, cfg: KEPOConfig,
+                  ref_model=None, suppress: list[int] = ()) -> dict:
+    """Accumulate the gradient of eq. 7's loss for `method` on scored rollouts (rewards [N]); returns its parts.
+
+    loss = policy_loss + distill_coef * gated JSD; opd has no policy term (GKD: the JSD alone),
+    grpo's gate is empty (its distillation term is an exact 0 and runs no teacher). Forward
+    and backward run cfg.micro_batch_size rows at a time, so the [m, T, V] logits of one
+    micro-batch are alive at once; the gradient equals the one of a single pass over N rows.
+    """
+    advantages = group_advantages(rewards, cfg.group_size)  # needs whole groups: computed before chunking
+    gate = quality_gate(rewards, method_tau(method, cfg))
+    all_tokens = gated_tokens(rollouts, gate)
+    chunks, totals = micro_batches(len(rewards), cfg.micro_batch_size, rewards.device), {}
+    ddp = isinstance(student, torch.nn.parallel.DistributedDataParallel)
+    for k, rows in enumerate(chunks):
+        last = k == len(chunks) - 1
+        with nullcontext() if last or not ddp else student.no_sync():  # DDP all-reduces after the last chunk
+            loss, parts = micro_batch_loss(student, teacher, rollouts.select(rows), advantages[rows], gate[rows],
+                                           method, cfg, len(rewards), all_tokens, ref_model, suppress)
+            loss.backward()
+        for key, value in parts.items():
+            totals[key] = totals.get(key, 0.0) + value
+    return {**totals, "gate_frac": gate.float().mean().item()}
 
 
 def check_step_inputs(method: str, teacher, ref_model, hint_prompts, cfg: KEPOConfig, prompts: PromptBatch,
@@ -620,13 +690,12 @@ def kepo_step(student, optimizer, tokenizer, prompts: PromptBatch, answers: list
             metrics.update(stats)
         rewards = kepo_reward(rollouts.texts, row_answers).to(dev)  # recomputed: injected rows are correct
     with timed(metrics, "time/loss_backward", dev):
-        loss, parts = kepo_loss(student, teacher, rollouts, rewards, method, cfg, ref_model, suppress)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        parts = kepo_backward(student, teacher, rollouts, rewards, method, cfg, ref_model, suppress)
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
         optimizer.step()
     stds = rewards.view(-1, g).std(1)
-    metrics.update(parts, loss=loss.item(), grad_norm=grad_norm.item(), reward=rewards.mean().item(),
+    metrics.update(parts, grad_norm=grad_norm.item(), reward=rewards.mean().item(),
                    reward_std=stds.mean().item(), frac_reward_zero_std=(stds == 0).float().mean().item(),
                    **{"completions/mean_length": rollouts.completion_mask.sum(1).float().mean().item()})
     return metrics

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -50,12 +51,12 @@ def make_tokenizer():
     return tok
 
 
-def tiny_vlm(tok, hidden=32, seed=0):
+def tiny_vlm(tok, hidden=32, seed=0, vocab=None):
     torch.manual_seed(seed)
     vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                 image_size=16, patch_size=8)
-    text = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+    text = Qwen2Config(vocab_size=vocab or len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
                       image_seq_length=N_IMG, vision_feature_layer=-1, vision_feature_select_strategy="full")
@@ -424,6 +425,22 @@ def test_generalized_jsd_matches_hand_computation(beta, temperature):
     assert torch.allclose(got.double(), expected, atol=1e-5)
 
 
+def test_generalized_jsd_in_token_chunks_equals_one_pass(monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    t, mask = torch.randn(3, 5, 11, generator=gen), (torch.rand(3, 5, generator=gen) < 0.7).float()
+    results = []
+    for chunk in (1000, 2):  # one chunk, then 2 tokens a chunk (the last one shorter)
+        monkeypatch.setattr(kepo, "JSD_CHUNK_TOKENS", chunk)
+        s = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        loss = kepo.generalized_jsd(s, t, mask, beta=0.3, temperature=0.7)
+        loss.backward()
+        results.append((loss, s.grad))
+    expected = hand_jsd(s.detach(), t, 0.3, 0.7)[mask.bool()].mean()
+    assert mask.sum() > 2 and abs(results[0][0].item() - expected.item()) < 1e-6
+    assert abs(results[1][0].item() - expected.item()) < 1e-6
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-7, rtol=0)
+
+
 def test_generalized_jsd_endpoints_match_torch_kl_div():
     s, t = torch.randn(2, 4, 7), torch.randn(2, 4, 7)
     mask = torch.ones(2, 4)
@@ -464,10 +481,10 @@ def test_teacher_runs_only_on_gated_rows(tokenizer):
     rollouts = kepo.Rollouts(prompts.select([0] * 4 + [1] * 4), ids, torch.ones(8, 3, dtype=torch.int), [""] * 8)
     logits = kepo.completion_logits(student, rollouts)
     gate = torch.tensor([1, 0, 0, 1, 0, 1, 0, 0], dtype=torch.bool)
-    loss = kepo.distillation_loss(logits, teacher, rollouts, gate, cfg)
+    loss = kepo.distillation_loss(logits, teacher, rollouts, gate, cfg, kepo.gated_tokens(rollouts, gate))
     assert teacher.calls == [("forward", 3)] and loss > 0
     teacher.calls.clear()
-    empty = kepo.distillation_loss(logits, teacher, rollouts, torch.zeros(8, dtype=torch.bool), cfg)
+    empty = kepo.distillation_loss(logits, teacher, rollouts, torch.zeros(8, dtype=torch.bool), cfg, torch.tensor(0.))
     assert teacher.calls == [] and empty.item() == 0.0
 
 
@@ -504,6 +521,26 @@ def test_rejection_sampling_keeps_each_correct_sample(tokenizer):
         cfg = kepo.KEPOConfig(group_size=4, num_hinted=2, max_attempts=attempts, max_new_tokens=8)
         accepted = kepo.rejection_sample(student, tokenizer, hinted, ["B"], cfg)
         assert len(accepted[0]) == kept and all(text == answer("b") for _, text in accepted[0])
+
+
+@pytest.mark.parametrize("per_call,calls", [(3, [12]), (1, [4, 4, 2])])
+def test_rejection_sampling_batches_tries_and_keeps_the_first_k_correct_in_order(tokenizer, monkeypatch, per_call,
+                                                                                 calls):
+    """K = 2, 3 tries: all in one call (an accelerator) or one per call (a CPU), the same samples kept, in order."""
+    pattern = ["c", "b", "c", "b", "b", "c"]  # the j-th sample of a prompt, over all its tries, answers pattern[j]
+
+    def rule(i, row):  # row i of call c: sample j = 2c + i % 2 with one try per call, i % 6 with all three
+        j = 2 * (len(student.calls) - 1) + i % 2 if per_call == 1 else i % 6
+        return answer(pattern[j]) + " look" * j
+    student = ScriptedVLM(tokenizer, rule)
+    assert kepo.tries_per_call(torch.device("cpu"), 3) == 1 and kepo.tries_per_call(torch.device("cuda"), 3) == 3
+    monkeypatch.setattr(kepo, "tries_per_call", lambda device, attempts: per_call)
+    hinted = prompt_batch(tokenizer, ["hint look answer b", "hint look answer a"])
+    cfg = kepo.KEPOConfig(group_size=4, num_hinted=2, max_attempts=3, max_new_tokens=16)
+    accepted = kepo.rejection_sample(student, tokenizer, hinted, ["B", "A"], cfg)
+    assert [n for _, n in student.calls] == calls  # one try per call: prompt 0 is done after two
+    assert [text for _, text in accepted[0]] == [answer("b") + " look", answer("b") + " look look look"]
+    assert accepted[1] == []  # no sample answers A
 
 
 def test_cliff_groups_trigger_criteria():
@@ -576,8 +613,8 @@ def test_injected_hinted_samples_are_rescored_and_the_loss_matches_a_hand_comput
     gated = torch.tensor([1, 1, 0, 0, 1, 1, 0, 0], dtype=torch.bool)  # r = 2 only on the injected rows
     expected = jsd[gated].mean()  # the policy term is -mean(A) = 0 at ratio 1
     seen = {}
-    real_loss = kepo.kepo_loss
-    monkeypatch.setattr(kepo, "kepo_loss", lambda *a, **k: seen.setdefault("args", a) and real_loss(*a, **k))
+    real_backward = kepo.kepo_backward
+    monkeypatch.setattr(kepo, "kepo_backward", lambda *a, **k: seen.setdefault("args", a) and real_backward(*a, **k))
     opt = torch.optim.SGD(student.parameters(), lr=0.0)
     m = kepo.kepo_step(student, opt, tokenizer, prompts, ["B", "A"], cfg, method="kepo", teacher=teacher,
                        hint_prompts=hints)
@@ -644,6 +681,64 @@ def test_kepo_step_runs_and_changes_weights(tokenizer, device):
         assert math.isfinite(m[key])
 
 
+def fixed_rollouts(tok, n=8, length=5, seed=0):
+    """n rollouts of random ids with lengths 1..length, their prompts cycling over two questions."""
+    prompts = prompt_batch(tok, ["what finding is shown options a b", "what is shown"])
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, len(tok), (n, length), generator=gen)
+    mask = (torch.arange(length) < torch.randint(1, length + 1, (n, 1), generator=gen)).int()
+    return kepo.Rollouts(prompts.select([i % 2 for i in range(n)]), ids, mask, [""] * n)
+
+
+@pytest.mark.parametrize("method", ["kdpo", "opd"])
+def test_micro_batches_give_the_full_batch_loss_and_gradients(tokenizer, method):
+    """Chunks of 1, 3 and N rows; with 3, rows 3-5 gate nothing and the other chunks gate different counts."""
+    rollouts = fixed_rollouts(tokenizer)
+    rewards = torch.tensor([2.0, 0, 1, 0, 0, 0, 2, 1])  # tau = 1: rows 0, 2, 6, 7
+    teacher, ref = tiny_vlm(tokenizer, 48, seed=1), tiny_vlm(tokenizer, 32, seed=2)
+    results = []
+    for size in (None, 1, 3, 8):
+        student = tiny_vlm(tokenizer, 32, seed=0)
+        cfg = kepo.KEPOConfig(group_size=2, tau=1.0, beta_rl=0.1, micro_batch_size=size)
+        parts = kepo.kepo_backward(student, teacher, rollouts, rewards, method, cfg, ref_model=ref)
+        results.append((parts, grads(student)))
+    (full, full_grad), chunked = results[0], results[1:]
+    assert full["distill_loss"] > 0 and (method == "opd" or full["policy_loss"] != 0)
+    for parts, grad in chunked:
+        assert parts.keys() == full.keys()
+        for key in ("loss", "policy_loss", "distill_loss", "kl", "gate_frac"):
+            assert parts[key] == pytest.approx(full[key], abs=1e-6), key
+        assert (grad - full_grad).abs().max() < 1e-6
+
+
+# bf16 keeps 8 mantissa bits (relative steps of 0.4%) in weights and logits; these models' JSD moved by 3e-4
+# relative (measured), so 1% is a bound that a loss computed in bf16 arithmetic would be likely to break
+BF16_RTOL = 0.01
+
+
+def test_bf16_models_give_a_finite_loss_close_to_fp32(tokenizer):
+    """bf16 weights, fp32 maths: log-softmax, JSD and policy loss are computed in fp32 from bf16 logits."""
+    rollouts = fixed_rollouts(tokenizer)
+    rewards = torch.tensor([2.0, 0, 1, 0, 0, 0, 2, 1])
+    cfg = kepo.KEPOConfig(group_size=2, tau=1.0)
+    losses = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        student = tiny_vlm(tokenizer, 32, seed=0).to(dtype)
+        teacher = tiny_vlm(tokenizer, 48, seed=1).to(dtype)
+        losses[dtype] = kepo.kepo_backward(student, teacher, on_dtype(rollouts, dtype), rewards, "kdpo", cfg)
+        assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+    fp32, bf16 = losses[torch.float32], losses[torch.bfloat16]
+    assert math.isfinite(bf16["loss"]) and fp32["distill_loss"] > 0
+    assert bf16["distill_loss"] == pytest.approx(fp32["distill_loss"], rel=BF16_RTOL)
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=BF16_RTOL, abs=1e-6)
+
+
+def on_dtype(rollouts: kepo.Rollouts, dtype) -> kepo.Rollouts:
+    vision = {k: v.to(dtype) if v.is_floating_point() else v for k, v in rollouts.prompts.vision.items()}
+    return replace(rollouts, prompts=kepo.PromptBatch(rollouts.prompts.input_ids,
+                                                                       rollouts.prompts.attention_mask, vision))
+
+
 def test_opd_step_uses_every_rollout(tokenizer):
     student, teacher, prompts, cfg, _ = step_setup(tokenizer, tau=None)
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
@@ -657,6 +752,41 @@ def test_step_rejects_missing_teacher_or_unknown_method(tokenizer):
     for method in ("kepo", "ppo"):
         with pytest.raises(ValueError, match="method must be one of"):
             kepo.kepo_step(student, opt, tokenizer, prompts, ["A", "B"], cfg, method=method)
+
+
+BENCH_VOCAB, BENCH_ROWS, BENCH_TOKENS = 151_936, 32, 64  # Qwen2/3-VL's vocabulary; N = 32 rollouts x 64 tokens
+
+
+def memory_worker(micro_batch_size: int | None):
+    """Run by the memory benchmark in a fresh process: one kdpo backward, every row gated; prints peak RSS."""
+    import resource
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    student, teacher = (tiny_vlm(tok, hidden, seed, vocab=BENCH_VOCAB) for hidden, seed in ((32, 0), (48, 1)))
+    prompts = prompt_batch(tok, ["what is shown"] * BENCH_ROWS)
+    ids = torch.randint(len(tok), BENCH_VOCAB, (BENCH_ROWS, BENCH_TOKENS))
+    rollouts = kepo.Rollouts(prompts, ids, torch.ones_like(ids, dtype=torch.int), [""] * BENCH_ROWS)
+    cfg = kepo.KEPOConfig(group_size=8, tau=0.0, micro_batch_size=micro_batch_size)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    parts = kepo.kepo_backward(student, teacher, rollouts, torch.ones(BENCH_ROWS), "kdpo", cfg)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"micro_batch_size": micro_batch_size, "loss": parts["loss"],
+                      "models_mib": before / 1024, "peak_mib": after / 1024}))
+
+
+@pytest.mark.skipif(not os.environ.get("KEPO_BENCH"), reason="memory benchmark: set KEPO_BENCH=1 (about 1 min)")
+def test_memory_benchmark_micro_batches_bound_the_peak():
+    """README "Memory": peak RSS of one step with a real-size vocabulary, all rows at once vs micro-batches of 4."""
+    rows = []
+    for size in ("all", "4"):
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-worker", size],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    print("\n" + "\n".join(json.dumps(r) for r in rows))
+    (full, micro), growth = rows, [r["peak_mib"] - r["models_mib"] for r in rows]
+    assert micro["loss"] == pytest.approx(full["loss"], abs=1e-5)
+    assert growth[0] >= 4 * growth[1]
 
 
 def torchrun(*args, **kwargs):
@@ -676,21 +806,21 @@ def ddp_worker():
     # tau=1 gates rows 0, 2, 3 (11 tokens) on rank 0 and rows 6, 7 (7 tokens) on rank 1
     rewards = torch.tensor([2.0, 0.0, 1.0, 2.0, 0.0, 0.0, 2.0, 1.0])
     single = tiny_vlm(tok, 32, seed=0)  # one process, the whole batch (before the group exists)
-    loss, _ = kepo.kepo_loss(single, teacher, rollouts, rewards, "kdpo", cfg)
-    loss.backward()
+    loss = kepo.kepo_backward(single, teacher, rollouts, rewards, "kdpo", cfg)["loss"]
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     student = tiny_vlm(tok, 32, seed=0)
     ddp = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True)
     rows = list(range(4 * rank, 4 * rank + 4))
-    shard_loss, _ = kepo.kepo_loss(ddp, teacher, rollouts.select(rows), rewards[rows], "kdpo", cfg)
-    shard_loss.backward()
-    mean = shard_loss.detach().clone()
+    # micro-batches of 3 rows on 4: the second chunk's backward is the one DDP all-reduces
+    shard = kepo.kepo_backward(ddp, teacher, rollouts.select(rows), rewards[rows], "kdpo",
+                               replace(cfg, micro_batch_size=3))
+    mean = torch.tensor(shard["loss"])
     dist.all_reduce(mean)
     mean /= dist.get_world_size()
-    print(f"rank {rank}: single {loss.item():.8f} ddp {mean.item():.8f} "
+    print(f"rank {rank}: single {loss:.8f} ddp {mean.item():.8f} "
           f"max grad diff {(grads(student) - grads(single)).abs().max().item():.2e}")
-    assert torch.allclose(mean, loss, atol=1e-6), (mean, loss)
+    assert abs(mean.item() - loss) < 1e-6, (mean, loss)
     assert torch.allclose(grads(student), grads(single), atol=1e-6)
     # Tear down in order. DDP's reducer holds the process group, and gloo's worker thread frees
     # each finished all_reduce (whose tensors need the GIL) after the caller has moved on; a
@@ -910,6 +1040,11 @@ def save_tiny_paddleocr_vl(path, hidden: int, seed: int):
     specials = ["<|IMAGE_START|>", "<|IMAGE_PLACEHOLDER|>", "<|IMAGE_END|>", "<|video_pad|>"]
     toy = ts.build_processor().tokenizer.get_vocab()
     words = [w for w in sorted(toy, key=toy.get) if w not in ts.TAGS]
+    split = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    e = ts.make_split(0, "words", "mri", 1)[0]  # the words of the instructions a chat template gets
+    for text in (ts.prompt_text(e, True), ts.hint_request_text(e, True), ts.hinted_text(e, "x", True)):
+        words += [w for w, _ in split.pre_tokenize_str(text.lower())]
+    words = list(dict.fromkeys(words))
     vocab = {w: i for i, w in enumerate(words + specials)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.normalizer = normalizers.Lowercase()
@@ -950,13 +1085,31 @@ def test_second_family_trains_through_student_and_teacher_flags(tmp_path):
     save_tiny_paddleocr_vl(tmp_path / "teacher", 64, seed=1)
     proc = run_script("--preset", "smoke", "--out", str(tmp_path / "runs"), "--device", "cpu", "--steps", "2",
                       "--student", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
-                      "--max-new-tokens", "6")
+                      "--max-new-tokens", "6", "--dtype", "bf16", "--micro-batch", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stage 1" not in proc.stdout and "rl-kepo" in proc.stdout
     run = tmp_path / "runs" / "smoke-student-seed1" / "rl-kepo"
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and lines[0]["hint_groups"] > 0 and all(math.isfinite(m["loss"]) for m in lines)
-    assert json.loads((run / "results.json").read_text())["kepo_config"]["max_new_tokens"] == 6
+    config = json.loads((run / "results.json").read_text())["kepo_config"]
+    assert config["max_new_tokens"] == 6 and config["micro_batch_size"] == 4
+
+
+def test_a_chat_checkpoint_is_asked_in_words(tmp_path):
+    """The second family has a chat template: the student, teacher and hinted prompts carry the instructions."""
+    save_tiny_paddleocr_vl(tmp_path / "student", 32, seed=0)
+    _, proc = ts.load_pretrained("--student", str(tmp_path / "student"), "cpu")
+    exs = ts.make_split(1, "train", "mri", 2)
+    hints = ts.hint_prompts(exs, proc, "cpu")
+    batches = {ts.STUDENT_ASK: ts.student_prompts(proc, exs, "cpu"),
+               ts.HINTED_ASK.format(hint="size large", letter=exs[1].answer): hints.hinted([1], ["size large"]),
+               ts.TEACHER_ASK.format(letter=exs[0].answer, truth=exs[0].truth): hints.request([0])}
+    tok = proc.tokenizer
+    for instruction, batch in batches.items():
+        tokens = " ".join(tok.convert_ids_to_tokens(batch.input_ids[-1]))
+        assert " ".join(tok.tokenize(instruction)) in tokens and tok.unk_token not in tokens
+    assert ts.prompt_text(exs[0]) == f"{exs[0].question} options " + " , ".join(
+        f"{o} {'abcd'[i]}" for i, o in enumerate(exs[0].options))  # the toy keeps its bare layout
 
 
 def test_pretrained_flags_check_their_inputs(tmp_path):
@@ -1014,6 +1167,28 @@ def test_bad_jsonl_record_names_file_and_line(tmp_path, line, edit, message):
         ts.load_jsonl(str(path))
 
 
+def test_truncated_image_is_refused_at_the_check_with_file_and_line(tmp_path):
+    path, lines = write_jsonl(tmp_path, per_modality=2)
+    image = tmp_path / json.loads(lines[3])["image"]
+    data = image.read_bytes()
+    image.write_bytes(data[:len(data) // 2])  # the header is intact: Image.open alone accepts it
+    with ts.Image.open(image):
+        pass
+    with pytest.raises(ValueError, match=f"{path}:4: image .*{image.name} cannot be read"):
+        ts.load_jsonl(str(path))
+
+
+def test_jsonl_test_split_is_the_same_for_every_seed_and_apart_from_the_teachers_pool(tmp_path):
+    path, _ = write_jsonl(tmp_path)
+    p = ts.PRESETS["smoke"]
+    splits = [ts.jsonl_data(ts.Args(data=str(path), seed=seed, out=str(tmp_path)), p) for seed in (1, 2, 3)]
+    key = lambda e: (e.image, e.question)  # noqa: E731
+    for data in splits:
+        assert not {key(e) for e in data.test} & {key(e) for e in data.pool}
+        assert [key(e) for e in data.test] == [key(e) for e in splits[0].test]
+    assert len(splits[0].test) == 3 * 2 and len(splits[0].pool) == 3 * 10  # 20% of 12 per modality held out
+
+
 def test_bad_jsonl_stops_the_cli_before_training(tmp_path):
     path, lines = write_jsonl(tmp_path, per_modality=2)
     path.write_text("\n".join(lines[:2] + ["{}"] + lines[3:]) + "\n")
@@ -1025,3 +1200,6 @@ def test_bad_jsonl_stops_the_cli_before_training(tmp_path):
 if __name__ == "__main__":  # torchrun runs this file as the DDP worker
     if "--ddp-worker" in sys.argv:
         ddp_worker()
+    elif "--memory-worker" in sys.argv:  # the memory benchmark runs each setting in its own process
+        size = sys.argv[sys.argv.index("--memory-worker") + 1]
+        memory_worker(None if size == "all" else int(size))

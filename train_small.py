@@ -49,6 +49,7 @@ import subprocess
 import sys
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 
 # transformers warns at import about optional backends (torchvision) that the toy does not need
@@ -95,6 +96,9 @@ class Args:
     data: str = arg("", "OmniMedVQA-style JSONL: image, question, options, answer, modality, qtype (default: toy)")
     train_modality: str = arg("mri", "the modality RL trains on; evaluation covers every modality")
     max_new_tokens: int = arg(12, "cap on completion and hint tokens (the toy's longest answer is 9)")
+    micro_batch: int = arg(0, "rows per forward and backward of an RL step, gradients accumulated exactly (0: all)")
+    dtype: str = arg("fp32", "fp32 | bf16: teacher and reference in bf16, the student's RL step under bf16 autocast "
+                             "(its weights and optimizer stay fp32)")
 
 
 PRESETS = {  # sizes and budgets, the same for every method. cpu = default with 16 RL prompts a step, not 64, a
@@ -111,6 +115,7 @@ PRESETS = {  # sizes and budgets, the same for every method. cpu = default with 
                   sft_lr=1e-3, sft_batch=16, n_pool=8, n_train=16, n_warm=16, n_test=4, n_cliff=8, eval_every=3,
                   n_eval_curve=2, ckpt_every=2, log_every=2, student=(32, 1), teacher=(48, 1)),
 }
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --dtype
 PRETRAIN_SEED = 0  # teacher and base student stand for released checkpoints: trained once per preset, shared by seeds
 EVAL_BATCH = 256  # rows per generate call in evaluation
 # The toy's premises, checked before RL (README, "The toy's premises"); calibrated on these alone, never on RL outcomes
@@ -185,6 +190,11 @@ class Example:
     def __post_init__(self):
         if self.case is not None:
             object.__setattr__(self, "modality", self.case.modality)
+
+    @property
+    def truth(self) -> str:
+        """The text of the correct option."""
+        return self.options[string.ascii_lowercase.index(self.answer)]
 
 
 def draw_field(d: ImageDraw.ImageDraw, style: str, bg: tuple, rng: random.Random):
@@ -362,21 +372,26 @@ def parse_record(line: str, folder: str) -> Example:
     if len(answer) != 1 or answer not in string.ascii_lowercase[:len(options)]:
         raise ValueError(f"answer {rec['answer']!r} is not one of the letters of the {len(options)} options")
     path = os.path.join(folder, rec["image"])
-    try:  # reads the header only, so that checking a large dataset stays fast
-        with Image.open(path):
-            pass
-    except Exception as e:
-        raise ValueError(f"image {path} cannot be read ({type(e).__name__}: {e})") from e
     truth = options[string.ascii_lowercase.index(answer)]
     return Example(None, rec["qtype"], rec["question"], tuple(options), answer, truth, image=path,
                    modality=rec["modality"])
+
+
+def image_error(path: str) -> str | None:
+    """Why the image cannot be used, or None. Decodes every pixel: a truncated file fails here, not in training."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def load_jsonl(path: str) -> list[Example]:
     """Every record of a JSONL file; the first bad one stops the run with file:line and the reason."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--data {path}: no such file")
-    examples = []
+    examples, numbers = [], []
     with open(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -385,8 +400,14 @@ def load_jsonl(path: str) -> list[Example]:
                 examples.append(parse_record(line, os.path.dirname(os.path.abspath(path))))
             except ValueError as e:
                 raise ValueError(f"{path}:{number}: {e}") from None
+            numbers.append(number)
     if not examples:
         raise ValueError(f"{path}: no records")
+    with ThreadPoolExecutor() as pool:  # PIL decodes outside the GIL: threads use every core
+        errors = list(pool.map(image_error, [e.image for e in examples]))
+    for number, e, error in zip(numbers, examples, errors):
+        if error:
+            raise ValueError(f"{path}:{number}: image {e.image} cannot be read ({error})")
     return examples
 
 
@@ -427,7 +448,11 @@ def toy_data(a: Args, p: dict) -> Data:
 
 
 def jsonl_data(a: Args, p: dict) -> Data:
-    """Per modality, a seeded shuffle holds out min(n_test, 20%) questions for evaluation; the rest trains."""
+    """Per modality, a shuffle keyed by the file holds out min(n_test, 20%) questions for evaluation; the rest trains.
+
+    The split depends on the file alone, not on --seed: the teacher, trained once per file on
+    the rest, never sees a question of any seed's test set.
+    """
     examples = load_jsonl(a.data)
     with open(a.data, "rb") as f:
         fingerprint = hashlib.sha1(f.read()).hexdigest()[:12]
@@ -438,7 +463,7 @@ def jsonl_data(a: Args, p: dict) -> Data:
         raise ValueError(f"--train-modality {a.train_modality} is not in {a.data} (it has {sorted(by_modality)})")
     test, pool = {}, {}
     for m, exs in sorted(by_modality.items()):
-        exs = random.Random(f"{a.seed}-split-{m}").sample(exs, len(exs))
+        exs = random.Random(f"{fingerprint}-split-{m}").sample(exs, len(exs))
         n = max(1, min(p["n_test"], len(exs) // 5))
         test[m], pool[m] = exs[:n], exs[n:]
     train = pool[a.train_modality]
@@ -454,19 +479,43 @@ def jsonl_data(a: Args, p: dict) -> Data:
 # ---------------------------------------------------------------------------------------
 # Prompts and targets (plain, hint request for the teacher, hinted prompt for the student)
 # ---------------------------------------------------------------------------------------
-# The texts below are the user's turn; `encode` adds the image (and the chat template, if any).
-def prompt_text(ex: Example) -> str:
+# The texts below are the user's turn; `encode` adds the image (and the chat template, if any). Two wordings:
+# the toy's word-level models learn a bare layout in their supervised stages, while a checkpoint with a chat
+# template (an instruction-tuned VLM, --student/--teacher) is asked in words for what kepo.py reads back.
+# This is the only place either wording lives.
+STUDENT_ASK = ("Think it through inside <think> </think> tags, then give the letter of the correct option "
+               "inside <answer> </answer> tags.")
+TEACHER_ASK = ("The correct answer is ({letter}) {truth}. Write a short hint inside <hint> </hint> tags that "
+               "would lead a student to it, without stating the answer.")
+HINTED_ASK = ("Hint: {hint}\nThe correct answer is ({letter}). Reason towards it without mentioning the hint "
+              "or that you were given the answer.")  # the authors' "v1": the hint and the ground-truth answer
+
+
+def chat(proc) -> bool:
+    """Does the processor's model take instructions (a chat template), or the toy's bare layout?"""
+    return bool(getattr(proc, "chat_template", None))
+
+
+def prompt_text(ex: Example, words: bool = False) -> str:
+    """The question and its options; `words`: in sentences, asking for the <think>/<answer> format."""
+    if words:
+        options = "\n".join(f"({string.ascii_lowercase[i]}) {o}" for i, o in enumerate(ex.options))
+        return f"{ex.question}\n{options}\n{STUDENT_ASK}"
     options = " , ".join(f"{o} {string.ascii_lowercase[i]}" for i, o in enumerate(ex.options))
     return f"{ex.question} options {options}"
 
 
-def hint_request_text(ex: Example) -> str:
+def hint_request_text(ex: Example, words: bool = False) -> str:
     """The teacher is shown the ground truth (option text and letter) and asked for a hint."""
-    return f"{prompt_text(ex)} answer {ex.options[string.ascii_lowercase.index(ex.answer)]} {ex.answer} hint"
+    if words:
+        return prompt_text(ex, True).replace(STUDENT_ASK, TEACHER_ASK.format(letter=ex.answer, truth=ex.truth))
+    return f"{prompt_text(ex)} answer {ex.truth} {ex.answer} hint"
 
 
-def hinted_text(ex: Example, hint: str) -> str:
+def hinted_text(ex: Example, hint: str, words: bool = False) -> str:
     """The authors' "v1" hint-aware prompt: the hint and the ground-truth answer."""
+    if words:
+        return f"{prompt_text(ex, True)}\n{HINTED_ASK.format(hint=hint, letter=ex.answer)}"
     return f"{prompt_text(ex)} hint {hint} answer {ex.answer}"
 
 
@@ -532,7 +581,7 @@ def build_vlm(tok, hidden: int, layers: int) -> LlavaForConditionalGeneration:
 
 def user_turn(proc, text: str) -> str:
     """The image and `text` as the model expects them: its chat template, else `<image> text`."""
-    if getattr(proc, "chat_template", None):
+    if chat(proc):
         turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return proc.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
     return f"{proc.image_token} {text}"
@@ -642,7 +691,7 @@ def warmup_batch(warm_set: list[Example], pool: list[Example]):
 def kepo_config(a: Args) -> kepo.KEPOConfig:
     """The one KEPOConfig of a run: the flags that set it, the authors' defaults for the rest."""
     return kepo.KEPOConfig(group_size=a.group_size, max_new_tokens=a.max_new_tokens, max_hint_tokens=a.max_new_tokens,
-                           tau=a.tau, hint_mode=a.hint_mode)
+                           tau=a.tau, hint_mode=a.hint_mode, micro_batch_size=a.micro_batch or None)
 
 
 @torch.no_grad()
@@ -661,7 +710,8 @@ def completions(model, proc, examples: list[Example], texts: list[str], a: Args,
 
 def correctness(model, proc, examples: list[Example], a: Args, group_size=1, temperature=0.0) -> torch.Tensor:
     """[len(examples) * group_size] 1.0 where the completion's answer letter is right (greedy by default)."""
-    texts = completions(model, proc, examples, [prompt_text(e) for e in examples], a, group_size, temperature)
+    texts = completions(model, proc, examples, [prompt_text(e, chat(proc)) for e in examples], a, group_size,
+                        temperature)
     return kepo.accuracy_reward(texts, [e.answer for e in examples for _ in range(group_size)])
 
 
@@ -970,12 +1020,18 @@ def rl_batch(a: Args, train: list[Example], step: int, n: int) -> list[Example]:
     return random.Random(f"{a.seed}-rl-{step}").sample(train, n)
 
 
+def student_prompts(proc, exs: list[Example], device) -> kepo.PromptBatch:
+    """The hint-free prompts of a step, worded for the model (see `chat`)."""
+    return encode(proc, exs, [prompt_text(e, chat(proc)) for e in exs], device)
+
+
 def hint_prompts(exs: list[Example], proc, device) -> kepo.HintPrompts:
     """The toy's two hint prompt builders for this step's prompts (indices into exs)."""
     return kepo.HintPrompts(
-        request=lambda idx: encode(proc, [exs[i] for i in idx], [hint_request_text(exs[i]) for i in idx], device),
+        request=lambda idx: encode(proc, [exs[i] for i in idx], [hint_request_text(exs[i], chat(proc))
+                                                                   for i in idx], device),
         hinted=lambda idx, hints: encode(proc, [exs[i] for i in idx],
-                                         [hinted_text(exs[i], h) for i, h in zip(idx, hints)], device))
+                                         [hinted_text(exs[i], h, chat(proc)) for i, h in zip(idx, hints)], device))
 
 
 RANK_SEED_STRIDE = 7919  # a prime: each rank's sampling seed, far from the next run's seed
@@ -1015,7 +1071,9 @@ def rl(a: Args, p: dict, proc, teacher, root: str, cfg: kepo.KEPOConfig, data: D
     if p["batch_prompts"] % world:
         raise ValueError(f"--batch-prompts {p['batch_prompts']} must divide among {world} processes")
     os.makedirs(run_dir, exist_ok=True)
-    ref = AutoModelForImageTextToText.from_pretrained(student_src).to(a.device).requires_grad_(False)
+    bf16 = a.dtype == "bf16"  # the frozen models only run forward passes: bf16 halves their memory
+    ref = AutoModelForImageTextToText.from_pretrained(student_src).to(a.device, DTYPES[a.dtype]).requires_grad_(False)
+    teacher = teacher.to(DTYPES[a.dtype])
     student, opt, start = rl_start(a, p, run_dir, student_src)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     # find_unused_parameters: VLMs hold weights no loss reaches (SigLIP's pooling head, for one)
@@ -1027,9 +1085,10 @@ def rl(a: Args, p: dict, proc, teacher, root: str, cfg: kepo.KEPOConfig, data: D
     t0 = time.time()
     for step in range(start + 1, p["steps"] + 1):
         exs = rl_batch(a, data.train, step, p["batch_prompts"])[rank()::world]
-        prompts = encode(proc, exs, [prompt_text(e) for e in exs], a.device)
-        m = kepo.kepo_step(model, opt, proc.tokenizer, prompts, [e.answer for e in exs], cfg, a.method,
-                           teacher=teacher, ref_model=ref, hint_prompts=hint_prompts(exs, proc, a.device))
+        prompts = student_prompts(proc, exs, a.device)
+        with torch.autocast(torch.device(a.device).type, torch.bfloat16, enabled=bf16):
+            m = kepo.kepo_step(model, opt, proc.tokenizer, prompts, [e.answer for e in exs], cfg, a.method,
+                               teacher=teacher, ref_model=ref, hint_prompts=hint_prompts(exs, proc, a.device))
         m = reduce_metrics(m)
         m["step"] = step
         if rank() == 0 and (step % p["eval_every"] == 0 or step == p["steps"]):
@@ -1364,8 +1423,10 @@ def parse_args(argv=None) -> Args:
         else:
             parser.add_argument(flag, type=f.type, default=f.default, help=help)
     a = Args(**vars(parser.parse_args(argv)))
-    if a.preset not in PRESETS or a.method not in METHOD_ORDER or a.hint_mode not in ("adaptive", "always"):
-        parser.error(f"--preset in {list(PRESETS)}, --method in {METHOD_ORDER}, --hint-mode in adaptive/always")
+    if a.preset not in PRESETS or a.method not in METHOD_ORDER or a.hint_mode not in ("adaptive", "always") \
+            or a.dtype not in DTYPES:
+        parser.error(f"--preset in {list(PRESETS)}, --method in {METHOD_ORDER}, --hint-mode in adaptive/always, "
+                     f"--dtype in {list(DTYPES)}")
     return a
 
 
