@@ -3,6 +3,7 @@ scripted policy, steps on tiny Hugging Face VLMs) and for train_small.py."""
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -981,15 +982,14 @@ def test_corrupt_stage_names_itself(smoke, tmp_path):
     stage = tmp_path / "teacher"
     shutil.copytree(out / "smoke-teacher", stage)
     (stage / "model.safetensors").write_bytes(b"not a model")
-    with pytest.raises(RuntimeError, match=f"cached stage {stage} is corrupt"):
-        ts.load_stage(str(stage), json.loads((stage / "stage.json").read_text())["config"])
-    assert ts.load_stage(str(tmp_path / "missing"), {}) is None
+    with pytest.raises(ts.UserError, match=f"cached stage {stage} cannot be loaded"):
+        ts.load_stage(str(stage), json.loads((stage / "stage.json").read_text())["config"], "cpu")
+    assert ts.load_stage(str(tmp_path / "missing"), {}, "cpu") is None
 
 
 def test_variants_map_to_distinct_run_folders():
-    a = ts.Args()
-    names = [ts.run_name(ts.variant_args(a, v)) for v in ts.VARIANTS]
-    assert names == ["rl-" + v for v in ts.VARIANTS]
+    variants = [dict(method=m) for m in ts.METHODS] + [dict(tau=0.0), dict(tau=2.0), dict(hint_mode="always")]
+    assert [ts.run_name(replace(ts.Args(), **v)) for v in variants] == ["rl-" + v for v in ts.REPORT_ORDER]
 
 
 def test_report_aggregates_the_smoke_run(smoke):
@@ -1005,15 +1005,14 @@ def test_report_aggregates_the_smoke_run(smoke):
 def test_compare_runs_every_method_from_one_student(smoke, tmp_path):
     shutil.copytree(smoke[0], tmp_path, dirs_exist_ok=True)
     out = tmp_path
-    proc = run_script("--preset", "smoke", "--out", str(out), "--device", "cpu", "--compare", "--steps", "2",
-                      "--jobs", "2")
+    shutil.rmtree(out / "smoke-seed1" / "rl-kepo")
+    proc = run_script("--preset", "smoke", "--out", str(out), "--device", "cpu", "--compare", "--steps", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = proc.stdout[proc.stdout.index("greedy accuracy"):]
-    for name in ts.METHOD_ORDER:
+    for name in ts.METHODS:
         assert f"\nrl-{name} " in table
         assert json.loads((out / "smoke-seed1" / f"rl-{name}" / "results.json").read_text())["settings"]["steps"] == 2
-        assert (out / "smoke-seed1" / f"rl-{name}.log").exists()  # each ran in its own process
-    assert "stage 3" not in proc.stdout  # the parent only read their results back
+    assert "stage 3" not in proc.stdout  # every method starts from the cached warm student
 
 
 def test_torchrun_smoke_trains_on_two_processes_and_rank0_writes(smoke, tmp_path):
@@ -1026,10 +1025,20 @@ def test_torchrun_smoke_trains_on_two_processes_and_rank0_writes(smoke, tmp_path
     run = tmp_path / "smoke-seed1" / "rl-kepo"
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2] and all(math.isfinite(m["loss"]) for m in lines)
-    state = torch.load(run / "ckpt" / "trainer.pt", weights_only=True)
-    assert len(state["rng"]) == 2  # both ranks' sampling states, so --resume continues both streams
-    with pytest.raises(RuntimeError, match="written by 2 processes"):
+    assert json.loads((run / "results.json").read_text())["settings"]["world_size"] == 2
+    # a checkpoint holds every rank's sampling state, so --resume continues both streams, with as many ranks
+    shutil.copytree(run / "student", run / "ckpt")
+    opt = torch.optim.AdamW(ts.load_model(str(run / "ckpt"), "cpu", "").parameters())
+    torch.save({"step": 1, "optimizer": opt.state_dict(), "rng": [(torch.get_rng_state(), [])] * 2},
+               run / "ckpt" / "trainer.pt")
+    with pytest.raises(ts.UserError, match="written by 2 processes"):
         ts.load_checkpoint(str(run), lambda m: torch.optim.AdamW(m.parameters()), "cpu")
+
+
+def test_torchrun_needs_the_stages_cached_by_one_process(tmp_path, monkeypatch):
+    monkeypatch.setattr(kepo, "world_size", lambda: 2)
+    with pytest.raises(ts.UserError, match="--steps 0"):
+        ts.sft_stage(ts.Args(), str(tmp_path / "teacher"), {}, None, None, None, 0, "")
 
 
 def save_tiny_paddleocr_vl(path, hidden: int, seed: int):
@@ -1112,12 +1121,25 @@ def test_a_chat_checkpoint_is_asked_in_words(tmp_path):
         f"{o} {'abcd'[i]}" for i, o in enumerate(exs[0].options))  # the toy keeps its bare layout
 
 
-def test_pretrained_flags_check_their_inputs(tmp_path):
-    a = ts.Args(student=str(tmp_path / "nowhere"), teacher=str(tmp_path / "nowhere"), device="cpu")
-    with pytest.raises(RuntimeError, match=f"--student {tmp_path / 'nowhere'}: cannot load"):
-        ts.pretrained_stages(a)
-    with pytest.raises(ValueError, match="go together"):
-        ts.pretrained_stages(ts.Args(student=str(tmp_path)))
+@pytest.mark.parametrize("flags,message", [
+    (["--group-size", "0"], "--group-size must be >= 1"),
+    (["--group-size", "1"], "--group-size must be >= 2"),
+    (["--batch-prompts", "-1"], "--batch-prompts must be >= 1"),
+    (["--steps", "-1"], "--steps and --micro-batch must be >= 0"),
+    (["--tau", "5"], "--tau must be in \\[0, 2\\]"),
+    (["--method", "ppo"], "argument --method: invalid choice"),
+    (["--student", "nowhere", "--teacher", "nowhere"], "--student nowhere: not a checkpoint folder"),
+    (["--student", "."], "--student and --teacher go together"),
+    (["--data", "missing.jsonl"], "--data missing.jsonl: no such file"),
+    pytest.param(["--device", "cuda"], "--device cuda: .* sees no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
+])
+def test_bad_flags_are_refused_in_one_line_before_any_work(tmp_path, flags, message):
+    proc = run_script("--preset", "smoke", "--out", str(tmp_path), *flags, cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines[-1].startswith("train_small.py: error: ") and re.search(message, lines[-1]), lines
+    assert not any(tmp_path.iterdir())  # nothing was written
 
 
 def write_jsonl(folder, per_modality=12):
@@ -1180,8 +1202,8 @@ def test_truncated_image_is_refused_at_the_check_with_file_and_line(tmp_path):
 
 def test_jsonl_test_split_is_the_same_for_every_seed_and_apart_from_the_teachers_pool(tmp_path):
     path, _ = write_jsonl(tmp_path)
-    p = ts.PRESETS["smoke"]
-    splits = [ts.jsonl_data(ts.Args(data=str(path), seed=seed, out=str(tmp_path)), p) for seed in (1, 2, 3)]
+    splits = [ts.jsonl_data(ts.Args(**ts.PRESETS["smoke"], data=str(path), seed=seed, out=str(tmp_path)))
+              for seed in (1, 2, 3)]
     key = lambda e: (e.image, e.question)  # noqa: E731
     for data in splits:
         assert not {key(e) for e in data.test} & {key(e) for e in data.pool}
@@ -1193,7 +1215,8 @@ def test_bad_jsonl_stops_the_cli_before_training(tmp_path):
     path, lines = write_jsonl(tmp_path, per_modality=2)
     path.write_text("\n".join(lines[:2] + ["{}"] + lines[3:]) + "\n")
     proc = run_script("--preset", "smoke", "--out", str(tmp_path / "runs"), "--device", "cpu", "--data", str(path))
-    assert proc.returncode != 0 and f"{path}:3: missing fields" in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"train_small.py: error: {path}:3: missing fields")
     assert not (tmp_path / "runs" / "smoke-omni-teacher").exists()
 
 
