@@ -934,13 +934,18 @@ def test_smoke_pipeline_prints_table_writes_json_and_reloads(smoke):
     root = out / "smoke-seed1"
     before = json.loads((root / "before_rl.json").read_text())
     assert set(before["base_describes"]) == set(ts.MODALITIES) and len(before["premises"]) == 6
-    assert json.loads((root / "student_init" / "stage.json").read_text())["config"]["base"]["steps"] == 4
+    assert json.loads((root / "student_init" / "stage.json").read_text())["config"]["base"]["steps"] == 10
     res = json.loads((root / "rl-kepo" / "results.json").read_text())
     for key in ts.MODALITIES + ["ID", "OOD"]:
         assert 0.0 <= res[key] <= 1.0
     assert res["phases"]["time/generate"] > 0
     lines = [json.loads(x) for x in (root / "rl-kepo" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(1, 7))
+    # the smoke run trains: every step has a reward spread and a gradient, some rows pass the gate, some get hints
+    assert all(m["grad_norm"] > 0 and m["loss"] != 0 and m["reward_std"] > 0 for m in lines)
+    assert all(0 < m["gate_frac"] for m in lines) and sum(m.get("hint_groups", 0) for m in lines) > 0
+    trained, init = (ts.load_model(str(root / d), "cpu", "").state_dict() for d in ("rl-kepo/student", "student_init"))
+    assert any(not torch.equal(trained[k], init[k]) for k in init)
     from transformers import AutoModelForImageTextToText, AutoProcessor
     model = AutoModelForImageTextToText.from_pretrained(root / "rl-kepo" / "student")
     proc = AutoProcessor.from_pretrained(root / "rl-kepo" / "student")
@@ -950,23 +955,34 @@ def test_smoke_pipeline_prints_table_writes_json_and_reloads(smoke):
     assert len(r.texts) == 2
 
 
-def test_killed_run_resumes_to_the_same_result(smoke, tmp_path):
+def refused(proc, message: str) -> bool:
+    """The CLI stopped with one line naming the problem, no traceback (exit 2)."""
+    last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+    return proc.returncode == 2 and "Traceback" not in proc.stderr and re.search(message, last) is not None
+
+
+def test_killed_run_resumes_exactly_and_never_mixes_settings(smoke, tmp_path):
+    """README "Interrupted runs": each case of a rerun over an unfinished or finished run."""
     out, _ = smoke
     shutil.copytree(out, tmp_path, dirs_exist_ok=True)
     shutil.rmtree(tmp_path / "smoke-seed1" / "rl-kepo")
-    args = [sys.executable, os.path.join(HERE, "train_small.py"), "--preset", "smoke", "--out", str(tmp_path),
-            "--device", "cpu"]
-    run = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    flags = ["--preset", "smoke", "--out", str(tmp_path), "--device", "cpu"]
+    run = subprocess.Popen([sys.executable, os.path.join(HERE, "train_small.py"), *flags], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "smoke-seed1" / "rl-kepo" / "ckpt"
     deadline = time.time() + 200
     while not ckpt.exists() and time.time() < deadline and run.poll() is None:
         time.sleep(0.02)
     run.send_signal(signal.SIGKILL)
     assert run.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (tmp_path / "smoke-seed1" / "rl-kepo" / "results.json").exists()
-    resumed = run_script("--preset", "smoke", "--out", str(tmp_path), "--device", "cpu", "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed" in resumed.stdout
+    assert refused(run_script(*flags), "holds an unfinished run .*add --resume")
+    args = ts.Args(**ts.PRESETS["smoke"], preset="smoke", out=str(tmp_path), resume=True)
+    for change, message in [({"lr": 1e-2}, "other settings .*lr 0.0003 then, 0.01 now"),
+                            ({"group_size": 4}, "group_size 8 then, 4 now")]:
+        with pytest.raises(ts.UserError, match=message):  # what the CLI prints in one line, as above
+            ts.finished_or_resumable(replace(args, **change), ts.kepo_config(replace(args, **change)))
+    resumed = run_script(*flags, "--resume")
+    assert resumed.returncode == 0 and "resumed" in resumed.stdout, resumed.stderr[-3000:]
 
     def metrics(root):
         lines = (root / "smoke-seed1" / "rl-kepo" / "metrics.jsonl").read_text().splitlines()
@@ -975,6 +991,39 @@ def test_killed_run_resumes_to_the_same_result(smoke, tmp_path):
     assert metrics(tmp_path) == metrics(out)
     a, b = (json.loads((r / "smoke-seed1" / "rl-kepo" / "results.json").read_text()) for r in (out, tmp_path))
     assert {k: a[k] for k in ts.MODALITIES} == {k: b[k] for k in ts.MODALITIES}
+    assert not ckpt.exists()  # a finished run keeps its student/, not its checkpoint
+    again = run_script(*flags)
+    assert again.returncode == 0 and "its results are reused" in again.stdout
+    for change, message in [({"lr": 1e-3, "resume": False}, "finished with other settings .*lr 0.0003 then, 0.001"),
+                            ({"max_new_tokens": 20}, "max_new_tokens 12 then, 20 now")]:
+        with pytest.raises(ts.UserError, match=message):
+            ts.finished_or_resumable(replace(args, **change), ts.kepo_config(replace(args, **change)))
+
+
+def test_interrupted_supervised_stage_continues_to_the_same_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(ts, "SFT_SAVE_SECONDS", -1)  # save after every step
+    proc, pool = ts.build_processor(), ts.make_split(0, "pool", "ct", 8)
+    config, partial = {"steps": 6, "batch": 4, "lr": 1e-3}, str(tmp_path / "stage.partial.pt")
+
+    def train(stop_at=None):
+        draw, calls = ts.teacher_batch(pool), []
+
+        def draw_batch(rng, n):
+            calls.append(1)
+            if len(calls) == stop_at:
+                raise KeyboardInterrupt
+            return draw(rng, n)
+        torch.manual_seed(0)
+        model = ts.build_vlm(proc.tokenizer, 16, 1)
+        ts.sft(model, proc, draw_batch, config, "cpu", "stage", 0, partial)
+        return model.state_dict()
+    whole = train()
+    os.remove(partial)
+    with pytest.raises(KeyboardInterrupt):
+        train(stop_at=4)  # Ctrl-C while preparing step 4: the state after step 3 is on disk
+    assert torch.load(partial, weights_only=False)["clock"]["step"] == 3
+    continued = train()
+    assert all(torch.equal(whole[k], continued[k]) for k in whole)
 
 
 def test_corrupt_stage_names_itself(smoke, tmp_path):

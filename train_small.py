@@ -98,9 +98,12 @@ class Args:
 PRESETS = {  # overrides of Args defaults; a flag given on the command line wins
     "default": {},
     "cpu": dict(batch_prompts=16, n_eval_curve=12, ckpt_every=50, log_every=25),
-    "smoke": dict(teacher_steps=8, base_steps=4, warm_steps=4, steps=6, batch_prompts=4, sft_batch=16, n_pool=8,
-                  n_train=16, n_warm=16, n_test=4, n_cliff=8, eval_every=3, n_eval_curve=2, ckpt_every=2,
-                  log_every=2, student_width=32, student_layers=1, teacher_width=48, teacher_layers=1),
+    # smoke: tiny models with high learning rates, so that the warm student formats some of its samples and
+    # every RL step has a reward spread, gated rows and a gradient (CI checks this), in about 20 s on a CPU
+    "smoke": dict(teacher_steps=40, base_steps=10, warm_steps=40, teacher_lr=1e-2, sft_lr=1e-2, steps=6,
+                  batch_prompts=4, sft_batch=16, n_pool=8, n_train=16, n_warm=16, n_test=4, n_cliff=8, eval_every=3,
+                  n_eval_curve=2, ckpt_every=2, log_every=2, student_width=32, student_layers=1, teacher_width=48,
+                  teacher_layers=1),
 }
 METHODS = ["grpo", "opd", "kdpo", "kepo"]  # kepo.METHODS, in the order tables list them
 CHOICES = {"preset": list(PRESETS), "method": METHODS, "hint_mode": ["adaptive", "always"], "dtype": ["fp32", "bf16"]}
@@ -1254,23 +1257,28 @@ def differences(then: dict, now: dict) -> str:
     return ", ".join(f"{k} {then.get(k)!r} then, {now.get(k)!r} now" for k in keys if then.get(k) != now.get(k))
 
 
-def finished_or_resumable(a: Args, run_dir: str, settings: dict) -> dict | None:
+def run_folder(a: Args) -> str:
+    return os.path.join(seed_root(a), run_name(a))
+
+
+def finished_or_resumable(a: Args, cfg: kepo.KEPOConfig) -> dict | None:
     """The results of a finished run with these settings (reused), or None to train; refuses to mix settings
     and to overwrite an unfinished run (README, "Interrupted runs")."""
-    done, ckpt = os.path.join(run_dir, "results.json"), os.path.join(run_dir, "ckpt", "run.json")
+    folder, settings = run_folder(a), run_settings(a, cfg)
+    done, ckpt = os.path.join(folder, "results.json"), os.path.join(folder, "ckpt", "run.json")
     if os.path.exists(done):
         then = read_json(done)["settings"]
         if then != settings:
-            raise UserError(f"{run_dir} finished with other settings ({differences(then, settings)}); "
+            raise UserError(f"{folder} finished with other settings ({differences(then, settings)}); "
                             "use another --out or delete the folder")
         return read_json(done)
     if os.path.exists(ckpt):
         saved = read_json(ckpt)
         if not a.resume:
-            raise UserError(f"{run_dir} holds an unfinished run (checkpoint at step {saved['step']}): add --resume "
+            raise UserError(f"{folder} holds an unfinished run (checkpoint at step {saved['step']}): add --resume "
                             "to continue it, or delete the folder to start over")
         if saved["settings"] != settings:
-            raise UserError(f"--resume: the checkpoint in {run_dir} was made with other settings "
+            raise UserError(f"--resume: the checkpoint in {folder} was made with other settings "
                             f"({differences(saved['settings'], settings)}); resume with the same flags")
     return None
 
@@ -1331,15 +1339,18 @@ def main(a: Args):
     start, cfg = time.time(), kepo_config(a)
     if a.batch_prompts % kepo.world_size():
         raise UserError(f"--batch-prompts {a.batch_prompts} must divide among {kepo.world_size()} processes")
+    runs = [replace(a, method=m) for m in (METHODS if a.compare else [a.method])] if a.steps else []
+    done = {run_name(r): finished_or_resumable(r, cfg) for r in runs}  # before any work: never mixes settings
     print_start(a)
     s = stages(a, cfg)
-    if a.steps == 0:
+    if not runs:
         print(f"--steps 0: stages and premises done; results in {seed_root(a)}/")
         return
     rows = dict(s.before["rows"])
-    for method in (METHODS if a.compare else [a.method]):
-        r = replace(a, method=method)
-        rows[run_name(r)] = run_method(r, cfg, s)
+    for r in runs:
+        if done[run_name(r)]:
+            print(f"{run_folder(r)} finished earlier with the same settings: its results are reused")
+        rows[run_name(r)] = done[run_name(r)] or run_method(r, cfg, s)
     if rank() == 0:
         summarize_seed(a, s, rows, time.time() - start)
 
@@ -1368,27 +1379,23 @@ def stages(a: Args, cfg: kepo.KEPOConfig) -> Stages:
 
 def run_method(a: Args, cfg: kepo.KEPOConfig, s: Stages) -> dict | None:
     """Stages 4-5 (RL, evaluation) for one method; writes and returns results.json (None off rank 0)."""
-    run_dir, settings = os.path.join(seed_root(a), run_name(a)), run_settings(a, cfg)
-    done = finished_or_resumable(a, run_dir, settings)
-    if done:
-        print(f"{run_dir} finished earlier with the same settings: its results are reused")
-        return done
-    os.makedirs(run_dir, exist_ok=True)
+    folder, settings = run_folder(a), run_settings(a, cfg)
+    os.makedirs(folder, exist_ok=True)
     print(f"stage 4: RL ({run_name(a)}) on {len(s.data.train)} {s.data.train_modality} questions, {a.steps} steps x "
           f"{a.batch_prompts} prompts x G={a.group_size}")
     start = time.time()
-    student = rl(a, cfg, s, run_dir, settings)
+    student = rl(a, cfg, s, folder, settings)
     if rank():
         return None
     rl_time, start = time.time() - start, time.time()
     res = summarize(s.data.test, correctness(student, s.proc, s.data.test, cfg, a.device), s.data)
     still, was = cliff_mask(student, s.proc, s.data.cliff, cfg, a.device), s.before["cliff_mask"]
     res["cliff_solved"] = sum(w and not n for w, n in zip(was, still)) / max(sum(was), 1)
-    phases = {k: sum(m.get(k, 0.0) for m in read_metrics(run_dir)) for k in PHASES}
+    phases = {k: sum(m.get(k, 0.0) for m in read_metrics(folder)) for k in PHASES}
     res.update(method=a.method, run=run_name(a), seed=a.seed, preset=a.preset, settings=settings, rl_seconds=rl_time,
                eval_seconds=time.time() - start, phases=phases, kepo_config=asdict(cfg))
-    write_json(os.path.join(run_dir, "results.json"), res)
-    shutil.rmtree(os.path.join(run_dir, "ckpt"), ignore_errors=True)  # finished: student/ holds the result
+    write_json(os.path.join(folder, "results.json"), res)
+    shutil.rmtree(os.path.join(folder, "ckpt"), ignore_errors=True)  # finished: student/ holds the result
     return res
 
 
