@@ -969,7 +969,7 @@ def test_killed_run_resumes_exactly_and_never_mixes_settings(smoke, tmp_path):
     flags = ["--preset", "smoke", "--out", str(tmp_path), "--device", "cpu"]
     run = subprocess.Popen([sys.executable, os.path.join(HERE, "train_small.py"), *flags], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / "smoke-seed1" / "rl-kepo" / "ckpt"
+    ckpt = tmp_path / "smoke-seed1" / "rl-kepo" / "ckpt.pt"
     deadline = time.time() + 200
     while not ckpt.exists() and time.time() < deadline and run.poll() is None:
         time.sleep(0.02)
@@ -1026,6 +1026,19 @@ def test_interrupted_supervised_stage_continues_to_the_same_weights(tmp_path, mo
     assert all(torch.equal(whole[k], continued[k]) for k in whole)
 
 
+def test_readme_usage_snippet_runs(smoke, tmp_path):
+    """The README's "Using the trained student" block, run as written on the smoke run's student."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    section = readme[readme.index("### Using the trained student"):]
+    code = section[section.index("```python\n") + len("```python\n"):section.index("```\n\n")]
+    (tmp_path / "runs").symlink_to(smoke[0])
+    case = next(e for e in ts.make_split(0, "test", "mri", 20) if e.qtype == "diagnosis").case
+    ts.draw(case).save(tmp_path / "scan.png")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip()  # the student's answer
+
+
 def test_corrupt_stage_names_itself(smoke, tmp_path):
     out, _ = smoke
     stage = tmp_path / "teacher"
@@ -1076,12 +1089,11 @@ def test_torchrun_smoke_trains_on_two_processes_and_rank0_writes(smoke, tmp_path
     assert [m["step"] for m in lines] == [1, 2] and all(math.isfinite(m["loss"]) for m in lines)
     assert json.loads((run / "results.json").read_text())["settings"]["world_size"] == 2
     # a checkpoint holds every rank's sampling state, so --resume continues both streams, with as many ranks
-    shutil.copytree(run / "student", run / "ckpt")
-    opt = torch.optim.AdamW(ts.load_model(str(run / "ckpt"), "cpu", "").parameters())
-    torch.save({"step": 1, "optimizer": opt.state_dict(), "rng": [(torch.get_rng_state(), [])] * 2},
-               run / "ckpt" / "trainer.pt")
+    model = ts.load_model(str(run / "student"), "cpu", "")
+    ts.save_state(str(run / "ckpt.pt"), model, torch.optim.AdamW(model.parameters()), step=1,
+                  rng=[(torch.get_rng_state(), [])] * 2)
     with pytest.raises(ts.UserError, match="written by 2 processes"):
-        ts.load_checkpoint(str(run), lambda m: torch.optim.AdamW(m.parameters()), "cpu")
+        ts.rl_start(ts.Args(resume=True, device="cpu"), str(run), str(run / "student"))
 
 
 def test_torchrun_needs_the_stages_cached_by_one_process(tmp_path, monkeypatch):

@@ -48,32 +48,37 @@ def arg(default, help: str):
 
 @dataclass
 class Args:
+    # what to run
     preset: str = arg("default", "default (one GPU) | cpu (16 RL prompts a step, for CPU-only machines) | smoke (CI)")
     method: str = arg("kepo", "grpo | opd | kdpo | kepo")
     compare: bool = arg(False, "run grpo, opd, kdpo and kepo from the same student, one after the other")
     seed: int = arg(1, "fixes data, initialisation and sampling (bit-exact on CPU)")
     device: str = arg("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
+    # where
     out: str = arg("runs", "cache and output folder")
     resume: bool = arg(False, "continue an interrupted RL run from its last checkpoint, with the same settings")
-    report: bool = arg(False, "only aggregate the results under --out over seeds: markdown tables, curves")
+    report: bool = arg(False, "only aggregate the results under --out over seeds into markdown tables")
     # KEPO (KEPOConfig's other fields keep the authors' defaults)
     group_size: int = arg(8, "G, completions per prompt")
     tau: float = arg(1.0, "quality gate r >= tau, r = accuracy + format in {0, 1, 2}")
     hint_mode: str = arg("adaptive", "adaptive: hints for groups with no correct rollout | always: every group")
     max_new_tokens: int = arg(12, "cap on completion and hint tokens (the toy's longest answer is 9)")
+    # memory
     micro_batch: int = arg(0, "rows per forward and backward of an RL step, gradients accumulated exactly (0: all)")
     dtype: str = arg("fp32", "fp32 | bf16: teacher and reference in bf16, the student's RL step under bf16 "
                              "autocast (its weights and optimizer stay fp32)")
-    # RL (stage 4) and evaluation (stage 5)
+    # RL (stage 4)
     steps: int = arg(200, "RL steps (0: stop after the stages and the premises table)")
     batch_prompts: int = arg(64, "prompts per RL step (B; split over torchrun processes)")
     lr: float = arg(3e-4, "RL learning rate, the same for every method")
     train_modality: str = arg("mri", "the modality RL trains on; evaluation covers every modality")
+    # questions
     n_train: int = arg(600, "RL training questions")
     n_test: int = arg(200, "held-out questions per modality")
     n_cliff: int = arg(192, "train prompts on which the learning cliff is measured")
-    eval_every: int = arg(25, "RL steps between points of the OOD curve")
     n_eval_curve: int = arg(24, "held-out questions per modality in the OOD curve")
+    # intervals
+    eval_every: int = arg(25, "RL steps between points of the OOD curve")
     ckpt_every: int = arg(25, "RL checkpoint interval in steps")
     log_every: int = arg(10, "RL progress line interval in steps (also printed every 10 s)")
     # supervised stages 1-3
@@ -81,10 +86,12 @@ class Args:
     base_steps: int = arg(1000, "base student pretraining steps")
     warm_steps: int = arg(800, "student warm-up SFT steps")
     sft_batch: int = arg(64, "SFT batch size")
+    # their learning rates and data
     teacher_lr: float = arg(1e-3, "teacher SFT learning rate")
     sft_lr: float = arg(1e-3, "base and warm-up learning rate")
     n_pool: int = arg(1500, "teacher and base pretraining images per modality")
     n_warm: int = arg(1000, "warm-up questions")
+    # toy model sizes
     student_width: int = arg(48, "toy student: hidden size")
     student_layers: int = arg(2, "toy student: layers of the vision tower and of the text model")
     teacher_width: int = arg(128, "toy teacher: hidden size")
@@ -115,7 +122,8 @@ MAX_REWARD = 2  # r = accuracy + format
 
 def parse_args(argv=None) -> Args:
     """Args from the preset and the flags; every flag is checked here, before any heavy import or work."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], usage="train_small.py [flags] (--help lists them)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     usage="train_small.py [flags] (--help lists them)")
     for f in fields(Args):
         help = f"{f.metadata['help']} (default: {f.default!r})"
         if f.type == "bool":
@@ -239,7 +247,7 @@ def rl(a: Args, cfg: kepo.KEPOConfig, s: Stages, run_dir: str, settings: dict):
             m["time/eval"] = time.time() - t
         log.step(m)
         if step % a.ckpt_every == 0:
-            save_checkpoint(run_dir, step, student, s.proc, opt, settings)
+            save_checkpoint(run_dir, step, student, opt, settings)
     if rank() == 0:
         save_atomically(os.path.join(run_dir, "student"), lambda d: (student.save_pretrained(d),
                                                                       s.proc.save_pretrained(d)))
@@ -268,15 +276,21 @@ def hint_prompts(exs: list[Example], proc, device) -> kepo.HintPrompts:
 
 def rl_start(a: Args, run_dir: str, student_src: str):
     """(student, optimizer, last finished step): from the run's checkpoint with --resume, else fresh."""
-    make_optimizer = lambda m: torch.optim.AdamW(m.parameters(), lr=a.lr, weight_decay=0.0)  # noqa: E731
-    if a.resume and os.path.exists(os.path.join(run_dir, "ckpt")):
-        student, opt, start = load_checkpoint(run_dir, make_optimizer, a.device)
-        print(f"resumed {run_dir} at step {start}")
-        return student, opt, start
     student = load_model(student_src, a.device, "the warm student")
-    opt = make_optimizer(student)
-    torch.manual_seed(a.seed + RANK_SEED_STRIDE * rank())  # rank 0 samples as a single process does
-    return student, opt, 0
+    opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.0)
+    ckpt = os.path.join(run_dir, "ckpt.pt")
+    if not (a.resume and os.path.exists(ckpt)):
+        torch.manual_seed(a.seed + RANK_SEED_STRIDE * rank())  # rank 0 samples as a single process does
+        return student, opt, 0
+    state = load_state(ckpt, student, opt)
+    if len(state["rng"]) != kepo.world_size():
+        raise UserError(f"checkpoint {ckpt} was written by {len(state['rng'])} processes; resume with as many")
+    cpu_rng, cuda_rng = state["rng"][rank()]
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng:
+        torch.cuda.set_rng_state_all(cuda_rng)
+    print(f"resumed {run_dir} at step {state['step']}")
+    return student, opt, state["step"]
 
 
 class Progress:
@@ -505,8 +519,7 @@ def sft_stage(a: Args, path: str, config: dict, proc, init, draw_batch, seed: in
     times = sft(model, proc, draw_batch, config, a.device, os.path.basename(path), seed, path + ".partial.pt")
     save_atomically(path, lambda d: (model.save_pretrained(d), proc.save_pretrained(d),
                                      write_json(os.path.join(d, "stage.json"), {"config": config, "times": times})))
-    if os.path.exists(path + ".partial.pt"):
-        os.remove(path + ".partial.pt")
+    remove(path + ".partial.pt")
     return model
 
 
@@ -517,8 +530,8 @@ def sft(model, proc, draw_batch, config: dict, device, name: str, seed: int, par
     Returns the wall time and the share of it spent preparing batches (drawing, tokenizing, moving).
     """
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=0.0)
-    rng, clock = random.Random(f"sft-{name}-{seed}"), {"step": 0, "seconds": 0.0, "data": 0.0}
-    clock = resume_sft(partial, config, model, opt, rng) or clock
+    rng = random.Random(f"sft-{name}-{seed}")
+    clock = resume_sft(partial, config, model, opt, rng)
     steps, start, saved, shown = config["steps"], time.time() - clock["seconds"], time.time(), time.time()
     for step in range(clock["step"] + 1, steps + 1):
         t = time.perf_counter()
@@ -536,7 +549,7 @@ def sft(model, proc, draw_batch, config: dict, device, name: str, seed: int, par
         opt.step()
         clock.update(step=step, seconds=time.time() - start)
         if time.time() - saved > SFT_SAVE_SECONDS and step < steps:
-            saved = save_sft(partial, config, model, opt, rng, clock)
+            saved = save_state(partial, model, opt, config=config, rng=rng.getstate(), clock=clock)
         if time.time() - shown > PROGRESS_SECONDS or step == steps:
             shown, rate = time.time(), step / clock["seconds"]
             print(f"  [{name}] step {step}/{steps} loss {loss.item():.3f} | {rate:.1f} steps/s "
@@ -544,26 +557,16 @@ def sft(model, proc, draw_batch, config: dict, device, name: str, seed: int, par
     return {"seconds": round(clock["seconds"], 1), "data_share": round(clock["data"] / clock["seconds"], 4)}
 
 
-def save_sft(partial: str, config: dict, model, opt, rng: random.Random, clock: dict) -> float:
-    """A stage's state after a finished step (weights, optimizer, batch sampler, times), written atomically."""
-    torch.save({"config": config, "model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.getstate(),
-                "clock": clock}, partial + ".tmp")
-    os.replace(partial + ".tmp", partial)
-    return time.time()
-
-
-def resume_sft(partial: str, config: dict, model, opt, rng: random.Random) -> dict | None:
-    """The clock of a saved state of this stage, loaded into model, opt and rng; None to start at step 1."""
-    if not os.path.exists(partial):
-        return None
-    state = torch.load(partial, weights_only=False, map_location="cpu")  # holds a random.Random state
-    if state["config"] != config:
-        print(f"  {partial} was saved with other settings: starting the stage over")
-        return None
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["opt"])
-    rng.setstate(state["rng"])
-    print(f"  continuing from {partial} at step {state['clock']['step']}")
+def resume_sft(partial: str, config: dict, model, opt, rng: random.Random) -> dict:
+    """The clock (step, seconds, data seconds) of the stage's saved state, loaded into model, opt and rng."""
+    state = load_state(partial, model, opt, config=config) if os.path.exists(partial) else None
+    if os.path.exists(partial):
+        print(f"  {partial}: " + ("saved with other settings, starting over" if state is None else
+                                  f"continuing at step {state['clock']['step']}"))
+    if state is None:
+        return {"step": 0, "seconds": 0.0, "data": 0.0}
+    version, internal, gauss = state["rng"]
+    rng.setstate((version, tuple(internal), gauss))
     return state["clock"]
 
 
@@ -1168,6 +1171,11 @@ def read_metrics(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def remove(path: str):
+    if os.path.exists(path):
+        os.remove(path)
+
+
 def save_atomically(path: str, write):
     """write(folder) into a temporary folder, then rename it to `path`: a killed save leaves no half folder."""
     tmp = path + ".tmp"
@@ -1213,34 +1221,33 @@ def require_single_process(what: str):
         raise UserError(f"{what} is missing; {TORCHRUN_NEEDS_STAGES}")
 
 
-def save_checkpoint(run_dir: str, step: int, student, proc, opt, settings: dict):
-    """Weights, optimizer, every rank's RNG state and the run's settings, written by rank 0 atomically."""
+def save_state(path: str, model, opt, **extra) -> float:
+    """Weights, optimizer state and `extra` in one file, written under a temporary name and renamed (a kill
+    leaves the previous file whole); returns the time it was written."""
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), **extra}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return time.time()
+
+
+def load_state(path: str, model=None, opt=None, **expect) -> dict | None:
+    """A save_state file, loaded into model and opt unless one of `expect` differs from it (then None)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise UserError(f"{path} cannot be read ({type(e).__name__}: {e}); delete it to start over") from e
+    if any(state.get(k) != as_json(v) for k, v in expect.items()):
+        return None
+    if model is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    return state
+
+
+def save_checkpoint(run_dir: str, step: int, student, opt, settings: dict):
+    """The RL state after `step`: weights, optimizer, every rank's RNG state and the run's settings (rank 0 writes)."""
     rng = gather((torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
-    if rank():
-        return
-
-    def write(folder):
-        student.save_pretrained(folder)
-        proc.save_pretrained(folder)
-        torch.save({"step": step, "optimizer": opt.state_dict(), "rng": rng}, os.path.join(folder, "trainer.pt"))
-        write_json(os.path.join(folder, "run.json"), {"step": step, "settings": settings})
-    save_atomically(os.path.join(run_dir, "ckpt"), write)
-
-
-def load_checkpoint(run_dir: str, make_optimizer, device):
-    """(student, optimizer, step) from run_dir/ckpt, every rank's RNG state restored."""
-    path = os.path.join(run_dir, "ckpt")
-    student = load_model(path, device, "checkpoint")
-    state = torch.load(os.path.join(path, "trainer.pt"), weights_only=True, map_location="cpu")
-    if len(state["rng"]) != kepo.world_size():
-        raise UserError(f"checkpoint {path} was written by {len(state['rng'])} processes; resume with as many")
-    opt = make_optimizer(student)
-    opt.load_state_dict(state["optimizer"])
-    cpu_rng, cuda_rng = state["rng"][rank()]
-    torch.set_rng_state(cpu_rng)
-    if cuda_rng:
-        torch.cuda.set_rng_state_all(cuda_rng)
-    return student, opt, state["step"]
+    if rank() == 0:
+        save_state(os.path.join(run_dir, "ckpt.pt"), student, opt, step=step, rng=rng, settings=settings)
 
 
 NOT_SHAPING = ("out", "resume", "compare", "report", "log_every", "ckpt_every", "device")  # flags a rerun may change
@@ -1265,7 +1272,7 @@ def finished_or_resumable(a: Args, cfg: kepo.KEPOConfig) -> dict | None:
     """The results of a finished run with these settings (reused), or None to train; refuses to mix settings
     and to overwrite an unfinished run (README, "Interrupted runs")."""
     folder, settings = run_folder(a), run_settings(a, cfg)
-    done, ckpt = os.path.join(folder, "results.json"), os.path.join(folder, "ckpt", "run.json")
+    done, ckpt = os.path.join(folder, "results.json"), os.path.join(folder, "ckpt.pt")
     if os.path.exists(done):
         then = read_json(done)["settings"]
         if then != settings:
@@ -1273,7 +1280,7 @@ def finished_or_resumable(a: Args, cfg: kepo.KEPOConfig) -> dict | None:
                             "use another --out or delete the folder")
         return read_json(done)
     if os.path.exists(ckpt):
-        saved = read_json(ckpt)
+        saved = load_state(ckpt)  # memory-mapped: only the step and the settings are read
         if not a.resume:
             raise UserError(f"{folder} holds an unfinished run (checkpoint at step {saved['step']}): add --resume "
                             "to continue it, or delete the folder to start over")
@@ -1373,7 +1380,8 @@ def stages(a: Args, cfg: kepo.KEPOConfig) -> Stages:
     target = lambda it: " and ".join(f"{op} {x:.3f}" for op, x in ((">=", it["min"]), ("<=", it["max"]))  # noqa: E731
                                      if x is not None)
     print_table(["  premise", "value", "target", ""], [[f"  {it['premise']}", it["value"], target(it),
-                                                       "holds" if it["holds"] else "FAILS"] for it in before["premises"]])
+                                                       "holds" if it["holds"] else "FAILS"]
+                                                      for it in before["premises"]])
     return Stages(proc, teacher, student_src, data, before)
 
 
@@ -1395,7 +1403,7 @@ def run_method(a: Args, cfg: kepo.KEPOConfig, s: Stages) -> dict | None:
     res.update(method=a.method, run=run_name(a), seed=a.seed, preset=a.preset, settings=settings, rl_seconds=rl_time,
                eval_seconds=time.time() - start, phases=phases, kepo_config=asdict(cfg))
     write_json(os.path.join(folder, "results.json"), res)
-    shutil.rmtree(os.path.join(folder, "ckpt"), ignore_errors=True)  # finished: student/ holds the result
+    remove(os.path.join(folder, "ckpt.pt"))  # finished: student/ holds the result
     return res
 
 
@@ -1437,13 +1445,14 @@ CPU_RL_SECONDS_PER_PROMPT = 0.032
 
 def print_start(a: Args):
     """One line: device, preset, which stages are cached, and (on CPU) an estimate of the time."""
-    device = torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
+    cuda = a.device.startswith("cuda")
+    device = torch.cuda.get_device_name(a.device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
     todo = [n for n, p in stage_paths(a).items() if not os.path.exists(os.path.join(p, "stage.json"))]
     steps = {"teacher": a.teacher_steps, "base": a.base_steps, "warm-up": a.warm_steps}
     seconds = sum(steps[n] / CPU_STEPS_PER_SECOND[n] for n in todo)
     seconds += a.steps * a.batch_prompts * CPU_RL_SECONDS_PER_PROMPT * (len(METHODS) if a.compare else 1)
-    estimate = f"about {seconds / 60:.0f} min on a 2-core CPU" if not a.device.startswith("cuda") else \
-        "progress lines give the pace"
+    pace = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+    estimate = "progress lines give the pace" if cuda else f"about {pace} on a 2-core CPU"
     cached = ", ".join(f"{n} {'to train' if n in todo else 'cached'}" for n in stage_paths(a)) or \
         "--student/--teacher checkpoints"
     print(f"train_small.py: {'compare' if a.compare else a.method}, preset {a.preset}, seed {a.seed}, on {device} | "
@@ -1451,15 +1460,13 @@ def print_start(a: Args):
 
 
 # ---------------------------------------------------------------------------------------
-# Report over seeds (--report; not part of KEPO): markdown tables with mean ± std, paired differences, curves
+# Report over seeds (--report; not part of KEPO): markdown tables with mean ± std and paired differences
 # ---------------------------------------------------------------------------------------
 # The README's evidence is a shell loop over seeds and variants, then this report:
 #   for seed in 1 2 3 4 5; do python train_small.py --preset cpu --seed $seed --compare
 #     for v in "--tau 0" "--tau 2" "--hint-mode always"; do python train_small.py --preset cpu --seed $seed $v; done
 #   done; python train_small.py --preset cpu --report
 REPORT_ORDER = ["grpo", "opd", "kdpo", "kepo", "kepo-tau0", "kepo-tau2", "kepo-always"]
-CURVES = {"reward": "training reward", "cliff_groups": "all-wrong groups", "distill_loss": "distillation loss",
-          "gate_frac": "gate fraction", "eval/OOD": "OOD accuracy (greedy)"}
 
 
 def collect(a: Args) -> tuple[dict[str, dict[int, dict]], dict[int, dict]]:
@@ -1477,7 +1484,6 @@ def collect(a: Args) -> tuple[dict[str, dict[int, dict]], dict[int, dict]]:
             metrics = read_metrics(os.path.dirname(path))
             for key in ("hint_groups", "hint_accept_rate", "hint_injected"):
                 res[key] = sum(m.get(key, 0.0) for m in metrics) / len(metrics)
-            res["curves"] = {k: [m.get(k) for m in metrics] for k in CURVES}
             found.setdefault(res["run"], {})[seed] = res
     return found, befores
 
@@ -1521,7 +1527,7 @@ def paired_table(found: dict[str, dict[int, dict]]) -> list[str]:
 
 
 def report(a: Args):
-    """Markdown tables over seeds to {out}/{tag}-report.md, curves to {out}/{tag}-curves.png."""
+    """Markdown tables over seeds, printed and written to {out}/{tag}-report.md."""
     found, befores = collect(a)
     if not befores:
         raise UserError(f"--report: no results under {a.out} for {tag(a)}")
@@ -1548,37 +1554,6 @@ def report(a: Args):
     with open(os.path.join(a.out, f"{tag(a)}-report.md"), "w") as f:
         f.write(text)
     print(text)
-    plot_curves(a, {n: list(rs.values()) for n, rs in hint_runs.items()})
-
-
-def plot_curves(a: Args, runs: dict[str, list[dict]]):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("--report: curves need matplotlib (pip install matplotlib); the tables above are complete")
-        return
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.4))
-    for ax, (key, title) in zip(axes, CURVES.items()):
-        for i, (name, rs) in enumerate(runs.items()):
-            points = [[(s + 1, v) for s, v in enumerate(r["curves"][key]) if v is not None] for r in rs]
-            if not points[0]:
-                continue
-            steps = [x for x, _ in points[0]]
-            mean = [sum(p[j][1] for p in points) / len(points) for j in range(len(steps))]
-            w = 1 if key == "eval/OOD" else 10  # per-step metrics: a 10-step moving average
-            smooth = [sum(mean[max(0, j - w + 1):j + 1]) / len(mean[max(0, j - w + 1):j + 1]) for j in range(len(mean))]
-            ax.plot(steps, smooth, label=name, lw=1.3, color=f"C{i}", ls="--" if "-" in name[3:] else "-")
-        ax.set_title(title)
-        ax.set_xlabel("RL step")
-    axes[0].legend(fontsize=7)
-    seeds = len(next(iter(runs.values())))
-    fig.suptitle(f"{tag(a)}: mean over {seeds} seeds (per-step curves: 10-step moving average)")
-    fig.tight_layout()
-    path = os.path.join(a.out, f"{tag(a)}-curves.png")
-    fig.savefig(path, dpi=110)
-    print(f"curves in {path}")
 
 
 # ---------------------------------------------------------------------------------------
