@@ -15,10 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from torch.nn.utils.rnn import pad_sequence
-from transformers import (LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast, Qwen2Config,
-                          SiglipVisionConfig)
+from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
 import kepo
 import train_small as ts
@@ -42,14 +40,7 @@ def tokenizer():
 
 
 def make_tokenizer():
-    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", "<image>"] + WORDS)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-                                  unk_token="<unk>", additional_special_tokens=["<image>"], padding_side="left")
-    tok.add_tokens(TAGS)
-    return tok
+    return ts.word_tokenizer(WORDS, ["<image>"], "<image>")
 
 
 def tiny_vlm(tok, hidden=32, seed=0, vocab=None):
@@ -156,12 +147,8 @@ def tiny_qwen2_vl(seed=0, device="cpu"):
     # the PIL image processor (no torchvision) is Qwen2VLImageProcessorPil from transformers 5.4 on
     image_processor = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
     from PIL import Image
-    special = ["<pad>", "<bos>", "<eos>", "<unk>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
-    vocab = {w: i for i, w in enumerate(special + WORDS + TAGS)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-                                  unk_token="<unk>", padding_side="left")
+    tok = ts.word_tokenizer(WORDS, ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"], "<|image_pad|>")
+    vocab = tok.get_vocab()
     image_id = vocab["<|image_pad|>"]
     text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
@@ -1110,20 +1097,10 @@ def save_tiny_paddleocr_vl(path, hidden: int, seed: int):
     specials = ["<|IMAGE_START|>", "<|IMAGE_PLACEHOLDER|>", "<|IMAGE_END|>", "<|video_pad|>"]
     toy = ts.build_processor().tokenizer.get_vocab()
     words = [w for w in sorted(toy, key=toy.get) if w not in ts.TAGS]
-    split = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     e = ts.make_split(0, "words", "mri", 1)[0]  # the words of the instructions a chat template gets
     for text in (ts.prompt_text(e, True), ts.hint_request_text(e, True), ts.hinted_text(e, "x", True)):
-        words += [w for w, _ in split.pre_tokenize_str(text.lower())]
-    words = list(dict.fromkeys(words))
-    vocab = {w: i for i, w in enumerate(words + specials)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-                                  unk_token="<unk>", padding_side="left",
-                                  extra_special_tokens={"image_token": "<|IMAGE_PLACEHOLDER|>"})
-    tok.add_special_tokens({"additional_special_tokens": specials})
-    tok.add_tokens(ts.TAGS)
+        words += [w for w, _ in ts.WORD_SPLIT.pre_tokenize_str(text.lower())]
+    tok = ts.word_tokenizer(words, specials, "<|IMAGE_PLACEHOLDER|>")
     template = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
                 "<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|> {% else %}{{ c['text'] }}{% endif %}"
                 "{% endfor %}{% endfor %}")
@@ -1168,7 +1145,7 @@ def test_second_family_trains_through_student_and_teacher_flags(tmp_path):
 def test_a_chat_checkpoint_is_asked_in_words(tmp_path):
     """The second family has a chat template: the student, teacher and hinted prompts carry the instructions."""
     save_tiny_paddleocr_vl(tmp_path / "student", 32, seed=0)
-    _, proc = ts.load_pretrained("--student", str(tmp_path / "student"), "cpu")
+    proc = ts.load_processor(str(tmp_path / "student"), "--student")
     exs = ts.make_split(1, "train", "mri", 2)
     hints = ts.hint_prompts(exs, proc, "cpu")
     batches = {ts.STUDENT_ASK: ts.student_prompts(proc, exs, "cpu"),

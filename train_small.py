@@ -1,35 +1,25 @@
 """KEPO end to end on a toy medical VQA: data, teacher, student, RL, evaluation, in one process.
 
     python train_small.py                     # KEPO, default preset (one GPU)
-    python train_small.py --preset smoke      # every stage on CPU in well under a minute
+    python train_small.py --preset smoke      # every stage on CPU in about 20 s
     python train_small.py --preset cpu        # the preset of the README's results, for CPU-only machines
     python train_small.py --compare           # grpo, opd, kdpo and kepo from the same student and seed
     python train_small.py --steps 0           # the stages and the premises table only
-    python train_small.py --report            # tables over the seeds found under --out (after a shell loop)
     python train_small.py --data omni.jsonl --student ckpt/student --teacher ckpt/teacher   # beyond the toy
     torchrun --nproc_per_node 4 train_small.py ...   # one process per GPU (DDP), after a --steps 0 run
 
-Stages, each cached under --out and reused:
-  1. teacher: SFT on every modality, also writing a hint from the answer (once per preset);
-  2. base student: pretrained to describe images of every modality in words, the stand-in
-     for a pretrained VLM (once per preset; none for --data);
-  3. warm-up: SFT of the base on a small train-modality set, some prompts with the hint so
-     that a hint is usable (per seed); then the premises table (teacher strength, transfer,
-     room to learn, the learning cliff, chance);
-  4. RL on train-modality questions only, with kepo.kepo_step (--method);
-  5. greedy evaluation on held-out questions of all 8 modalities, chance beside it.
-The file reads in that order of importance: config, the RL loop, evaluation, the supervised
-stages, models and prompts, the toy data, JSONL data, infrastructure, the command line.
+Stages, each cached under --out: 1. teacher SFT on every modality, also writing a hint from
+the answer; 2. base student pretrained to describe images of every modality (the stand-in for
+a pretrained VLM); 3. warm-up SFT on a small train-modality set, then the premises table;
+4. RL on the train modality with kepo.kepo_step; 5. greedy evaluation on every modality,
+chance beside it. The file reads: config, the RL loop, evaluation, the supervised stages,
+models and prompts, the toy data, JSONL data, infrastructure, one seed's run, the report, the CLI.
 
-Simplified on purpose: tiny LLaVA-style models built from configs (SigLIP tower + Qwen2
-text model, random init, a word-level tokenizer built in code), 48x48 images drawn with
-pillow in 8 synthetic "modalities" that share anatomy and findings but differ in look, and
-OmniMedVQA-style questions listed as `options ct a , mri b , ...` (the letter after the
-option text makes the lookup an induction copy that a 2-layer model learns; letter-first
-listing was not learned). A run takes minutes; the RL step itself is kepo.kepo_step,
-unchanged from what a real trainer calls. Beyond the toy: --data reads OmniMedVQA-style
-JSONL (checked before anything trains), --student/--teacher replace stages 1-3 by local
-checkpoints, asked in words through their chat template.
+Simplified on purpose: tiny LLaVA-style models built from configs (random init, a word-level
+tokenizer built in code), 48x48 images drawn with pillow in 8 synthetic "modalities" that share
+anatomy and findings but differ in look, and multiple-choice questions listed as
+`options ct a , mri b , ...` (the letter after the option text makes the lookup an induction
+copy that a 2-layer model learns). The RL step is kepo.kepo_step, as a real trainer calls it.
 """
 from __future__ import annotations
 
@@ -963,6 +953,7 @@ def with_pixels(examples: list[Example], path: str) -> list[Example]:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     bank = torch.load(path, weights_only=True) if os.path.exists(path) else None
     if bank is None or bank["seeds"].tolist() != seeds:
+        print(f"drawing {len(examples)} images into {path}")
         pixels = torch.stack([torch.frombuffer(bytearray(draw(e.case).tobytes()), dtype=torch.uint8)
                               .view(IMAGE_SIZE, IMAGE_SIZE, 3).permute(2, 0, 1) for e in examples])
         bank = {"seeds": torch.tensor(seeds), "pixels": pixels}
