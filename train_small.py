@@ -205,6 +205,7 @@ class Stages:
     student_src: str  # folder of the warm student: every method starts from it
     data: Data
     before: dict  # the measurements before RL (before_rl.json)
+    master: bool  # rank 0 (or the only process): the one that evaluates, prints and writes files
 
 
 RANK_SEED_STRIDE = 7919  # a prime: each rank's sampling seed, far from the next run's seed
@@ -222,7 +223,7 @@ def rl(a: Args, cfg: kepo.KEPOConfig, s: Stages, run_dir: str, settings: dict):
     student, opt, start = rl_start(a, run_dir, s.student_src)
     # find_unused_parameters: VLMs hold weights no loss reaches (SigLIP's pooling head, for one)
     model = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True) if world > 1 else student
-    log = Progress(run_dir, start, a)
+    log = Progress(run_dir, start, a, s.master)
     for step in range(start + 1, a.steps + 1):
         exs = rl_batch(a, s.data.train, step)[rank()::world]
         with torch.autocast(torch.device(a.device).type, torch.bfloat16, enabled=a.dtype == "bf16"):
@@ -230,15 +231,15 @@ def rl(a: Args, cfg: kepo.KEPOConfig, s: Stages, run_dir: str, settings: dict):
                                [e.answer for e in exs], cfg, a.method, teacher=teacher, ref_model=ref,
                                hint_prompts=hint_prompts(exs, s.proc, a.device))
         m = reduce_metrics(m) | {"step": step}
-        if rank() == 0 and (step % a.eval_every == 0 or step == a.steps):
+        if s.master and (step % a.eval_every == 0 or step == a.steps):
             t = time.time()
             m["eval/OOD"] = summarize(s.data.curve, correctness(student, s.proc, s.data.curve, cfg, a.device),
                                       s.data)["OOD"]
             m["time/eval"] = time.time() - t
         log.step(m)
         if step % a.ckpt_every == 0:
-            save_checkpoint(run_dir, step, student, opt, settings)
-    if rank() == 0:
+            save_checkpoint(run_dir, step, student, opt, settings, s.master)
+    if s.master:
         save_atomically(os.path.join(run_dir, "student"), lambda d: (student.save_pretrained(d),
                                                                       s.proc.save_pretrained(d)))
     barrier()  # the one place ranks wait: every rank has finished its steps before rank 0 evaluates
@@ -286,15 +287,15 @@ def rl_start(a: Args, run_dir: str, student_src: str):
 class Progress:
     """metrics.jsonl (rank 0) and a progress line every log_every steps or PROGRESS_SECONDS, with steps/s and ETA."""
 
-    def __init__(self, run_dir: str, start: int, a: Args):
-        self.path, self.start, self.a, self.t0, self.shown = os.path.join(run_dir, "metrics.jsonl"), start, a, \
-            time.time(), time.time()
-        if rank() == 0:  # drop lines logged after the checkpoint we resume from
+    def __init__(self, run_dir: str, start: int, a: Args, master: bool):
+        self.path, self.start, self.a, self.master = os.path.join(run_dir, "metrics.jsonl"), start, a, master
+        self.t0 = self.shown = time.time()
+        if master:  # drop lines logged after the checkpoint we resume from
             kept = [m for m in read_metrics(run_dir) if m["step"] <= start] if start else []
             write_lines(self.path, kept)
 
     def step(self, m: dict):
-        if rank() == 0:
+        if self.master:
             with open(self.path, "a") as f:
                 f.write(json.dumps(m) + "\n")
         steps, now = self.a.steps, time.time()
@@ -1234,10 +1235,10 @@ def load_state(path: str, model=None, opt=None, **expect) -> dict | None:
     return state
 
 
-def save_checkpoint(run_dir: str, step: int, student, opt, settings: dict):
+def save_checkpoint(run_dir: str, step: int, student, opt, settings: dict, master: bool):
     """The RL state after `step`: weights, optimizer, every rank's RNG state and the run's settings (rank 0 writes)."""
     rng = gather((torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
-    if rank() == 0:
+    if master:
         save_state(os.path.join(run_dir, "ckpt.pt"), student, opt, step=step, rng=rng, settings=settings)
 
 
@@ -1349,7 +1350,7 @@ def main(a: Args):
         if done[run_name(r)]:
             print(f"{run_folder(r)} finished earlier with the same settings: its results are reused")
         rows[run_name(r)] = done[run_name(r)] or run_method(r, cfg, s)
-    if rank() == 0:
+    if s.master:
         summarize_seed(a, s, rows, time.time() - start)
 
 
@@ -1373,7 +1374,7 @@ def stages(a: Args, cfg: kepo.KEPOConfig) -> Stages:
     print_table(["  premise", "value", "target", ""], [[f"  {it['premise']}", it["value"], target(it),
                                                        "holds" if it["holds"] else "FAILS"]
                                                       for it in before["premises"]])
-    return Stages(proc, teacher, student_src, data, before)
+    return Stages(proc, teacher, student_src, data, before, master=rank() == 0)
 
 
 def run_method(a: Args, cfg: kepo.KEPOConfig, s: Stages) -> dict | None:
@@ -1384,7 +1385,7 @@ def run_method(a: Args, cfg: kepo.KEPOConfig, s: Stages) -> dict | None:
           f"{a.batch_prompts} prompts x G={a.group_size}")
     start = time.time()
     student = rl(a, cfg, s, folder, settings)
-    if rank():
+    if not s.master:
         return None
     rl_time, start = time.time() - start, time.time()
     res = summarize(s.data.test, correctness(student, s.proc, s.data.test, cfg, a.device), s.data)
