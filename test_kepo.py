@@ -777,6 +777,37 @@ def test_memory_benchmark_micro_batches_bound_the_peak():
     assert growth[0] >= 4 * growth[1]
 
 
+@pytest.mark.skipif(not os.environ.get("KEPO_BENCH_OUT"), reason="hint timing: set KEPO_BENCH_OUT=<--out with the "
+                    "cpu preset's seed-1 stages> (about 2 min)")
+def test_hint_timing_benchmark_one_call_against_tries_in_turn(monkeypatch):
+    """README "Memory and speed on one GPU": OPD and KEPO with the tries batched or in turn, interleaved step by step."""
+    a = ts.Args(**ts.PRESETS["cpu"], preset="cpu", out=os.environ["KEPO_BENCH_OUT"], device="cpu")
+    data, proc, cfg = ts.load_data(a), ts.build_processor(), ts.kepo_config(a)
+    teacher = ts.load_model(os.path.join(a.out, "cpu-teacher"), "cpu", "")
+    variants = {"opd": ("opd", 1), "kepo, one try per call": ("kepo", 1), "kepo, all tries in one call": ("kepo", 5)}
+    runs = {}
+    for name in variants:
+        model = ts.load_model(os.path.join(ts.seed_root(a), "student_init"), "cpu", "")
+        runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0), [])
+    for step in range(1, 31):
+        exs = ts.rl_batch(a, data.train, step)
+        for name, (method, per_call) in variants.items():
+            model, opt, rows = runs[name]
+            monkeypatch.setattr(kepo, "tries_per_call", lambda device, attempts, n=per_call: n)
+            torch.manual_seed(step)
+            start = time.perf_counter()
+            m = kepo.kepo_step(model, opt, proc.tokenizer, ts.student_prompts(proc, exs, "cpu"),
+                               [e.answer for e in exs], cfg, method, teacher=teacher,
+                               hint_prompts=ts.hint_prompts(exs, proc, "cpu"))
+            rows.append(m | {"time/step": time.perf_counter() - start})
+    opd = sum(m["time/step"] for m in runs["opd"][2]) / 30
+    for name, (_, _, rows) in runs.items():
+        mean = {k: sum(m.get(k, 0.0) for m in rows) / len(rows) for k in ("time/step", "time/hints", "hint_groups")}
+        print(f"{name}: step {mean['time/step']:.3f} s, hints {mean['time/hints']:.3f} s, "
+              f"{mean['hint_groups']:.2f} groups hinted, ratio to OPD {mean['time/step'] / opd:.2f}")
+    assert all(math.isfinite(m["loss"]) for _, _, rows in runs.values() for m in rows)
+
+
 def torchrun(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args],
                           capture_output=True, text=True, timeout=300, **kwargs)

@@ -1,7 +1,7 @@
 """KEPO end to end on a toy medical VQA: data, teacher, student, RL, evaluation, in one process.
 
     python train_small.py                     # KEPO, default preset (one GPU)
-    python train_small.py --preset smoke      # every stage on CPU in about 20 s
+    python train_small.py --preset smoke      # every stage on CPU in about 10 s
     python train_small.py --preset cpu        # the preset of the README's results, for CPU-only machines
     python train_small.py --compare           # grpo, opd, kdpo and kepo from the same student and seed
     python train_small.py --steps 0           # the stages and the premises table only
@@ -96,7 +96,7 @@ PRESETS = {  # overrides of Args defaults; a flag given on the command line wins
     "default": {},
     "cpu": dict(batch_prompts=16, n_eval_curve=12, ckpt_every=50, log_every=25),
     # smoke: tiny models with high learning rates, so that the warm student formats some of its samples and
-    # every RL step has a reward spread, gated rows and a gradient (CI checks this), in about 20 s on a CPU
+    # every RL step has a reward spread, gated rows and a gradient (CI checks this), in about 10 s on a CPU
     "smoke": dict(teacher_steps=40, base_steps=10, warm_steps=40, teacher_lr=1e-2, sft_lr=1e-2, steps=6,
                   batch_prompts=4, sft_batch=16, n_pool=8, n_train=16, n_warm=16, n_test=4, n_cliff=8, eval_every=3,
                   n_eval_curve=2, ckpt_every=2, log_every=2, student_width=32, student_layers=1, teacher_width=48,
