@@ -31,7 +31,7 @@ One training step, in reading order of this file:
   2. reward ................ format_reward, accuracy_reward, kepo_reward
   3. GRPO .................. group_advantages, policy_loss (k3_kl)
   4. quality gate .......... quality_gate
-  5. teacher divergence .... generalized_jsd, distillation_loss
+  5. teacher divergence .... jsd_token_sum, generalized_jsd, gated_tokens, distillation_loss
   6. hint learning ......... extract_hint, write_hints
   7. rejection sampling .... tries_per_call, rejection_sample, cliff_groups, inject, knowledge_enhance
   8. loss and step ......... micro_batch_loss, kepo_backward, kepo_step

@@ -24,8 +24,19 @@ copy that a 2-layer model learns). The RL step is kepo.kepo_step, as a real trai
 from __future__ import annotations
 
 import argparse
+import datetime
+import glob
+import hashlib
+import json
+import math
 import os
+import random
+import shutil
+import string
 import sys
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 
 
@@ -154,19 +165,7 @@ def check_args(a: Args) -> str | None:
 
 
 if __name__ == "__main__":
-    ARGS = parse_args()  # before the heavy imports: --help and a bad flag answer at once
-
-import datetime  # noqa: E402
-import glob  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import random  # noqa: E402
-import shutil  # noqa: E402
-import string  # noqa: E402
-import time  # noqa: E402
-import weakref  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+    ARGS = parse_args()  # before the heavy imports (torch, transformers): --help and a bad flag answer at once
 
 # transformers warns at import about optional backends (torchvision) that the toy does not need
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
