@@ -994,6 +994,9 @@ def test_killed_run_resumes_exactly_and_never_mixes_settings(smoke, tmp_path):
     run.send_signal(signal.SIGKILL)
     assert run.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert refused(run_script(*flags), "holds an unfinished run .*add --resume")
+    grpo = ts.Args(**ts.PRESETS["smoke"], preset="smoke", method="grpo")
+    assert ts.run_settings(grpo, ts.kepo_config(grpo)) == ts.run_settings(replace(grpo, tau=2.0), ts.kepo_config(
+        replace(grpo, tau=2.0)))  # the gate does not shape grpo: a grpo run made under --compare --tau 2 is reused
     args = ts.Args(**ts.PRESETS["smoke"], preset="smoke", out=str(tmp_path), resume=True)
     for change, message in [({"lr": 1e-2}, "other settings .*lr 0.0003 then, 0.01 now"),
                             ({"group_size": 4}, "group_size 8 then, 4 now")]:

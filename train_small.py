@@ -1246,8 +1246,10 @@ NOT_SHAPING = ("out", "resume", "compare", "report", "log_every", "ckpt_every", 
 
 def run_settings(a: Args, cfg: kepo.KEPOConfig) -> dict:
     """Every setting that shapes an RL run: what its checkpoint and results record, and what a rerun must match."""
-    flags = {k: v for k, v in asdict(a).items() if k not in NOT_SHAPING}
-    return as_json(flags | {"kepo": asdict(cfg), "world_size": kepo.world_size()})
+    unused = {"grpo": ("tau", "hint_mode"), "opd": ("tau", "hint_mode"), "kdpo": ("hint_mode",)}.get(a.method, ())
+    flags = {k: v for k, v in asdict(a).items() if k not in NOT_SHAPING + unused}  # --compare --tau 2 is grpo's too
+    config = {k: v for k, v in asdict(cfg).items() if k not in unused}
+    return as_json(flags | {"kepo": config, "world_size": kepo.world_size()})
 
 
 def differences(then: dict, now: dict) -> str:
