@@ -28,10 +28,10 @@ import datetime
 import glob
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
+import statistics
 import string
 import sys
 import time
@@ -1297,7 +1297,7 @@ def setup_distributed(a: Args) -> Args:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         a = replace(a, device=f"cuda:{os.environ['LOCAL_RANK']}")
     if rank():
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (held for the life of the process)
+        sys.stdout = open(os.devnull, "w")  # rank 0 prints; held open for the life of the process
     return a
 
 
@@ -1483,9 +1483,7 @@ def collect(a: Args) -> tuple[dict[str, dict[int, dict]], dict[int, dict]]:
 
 def mean_std(values: list[float]) -> str:
     values = list(values)
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return f"{mean:.3f} ± {std:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
 
 
 def md_table(head: list[str], rows: list[list[str]]) -> list[str]:
