@@ -381,7 +381,7 @@ def jsd_token_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, be
         return F.kl_div(s, t, reduction="sum", log_target=True)
     if beta == 1:
         return F.kl_div(t, s, reduction="sum", log_target=True)
-    m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1 - beta)]), 0)
+    m = torch.logaddexp(t + math.log(beta), s + math.log(1 - beta))  # log M, without stacking two [M, V]
     return (beta * F.kl_div(m, t, reduction="sum", log_target=True)
             + (1 - beta) * F.kl_div(m, s, reduction="sum", log_target=True))
 

@@ -1272,6 +1272,23 @@ def test_truncated_image_is_refused_at_the_check_with_file_and_line(tmp_path):
         ts.load_jsonl(str(path))
 
 
+@pytest.mark.skipif(not os.environ.get("KEPO_BENCH"), reason="image check benchmark: set KEPO_BENCH=1 (minutes)")
+def test_image_check_benchmark_10000_images(tmp_path):
+    """README "--data": the JSONL check on 10,000 images, every one decoded: 48x48 PNGs, then 512x512 JPEGs."""
+    exs = ts.make_split(9, "bench", "mri", 10_000)
+    for size, ext in ((48, "png"), (512, "jpg")):
+        lines = []
+        for i, e in enumerate(exs):
+            ts.draw(e.case).resize((size, size)).save(tmp_path / f"{i}.{ext}")
+            lines.append(json.dumps({"image": f"{i}.{ext}", "question": e.question, "options": list(e.options),
+                                     "answer": e.answer, "modality": "mri", "qtype": e.qtype}))
+        path = tmp_path / f"{ext}.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        start = time.perf_counter()
+        assert len(ts.load_jsonl(str(path))) == len(exs)
+        print(f"\n10,000 {size}x{size} {ext}: checked in {time.perf_counter() - start:.1f} s")
+
+
 def test_jsonl_test_split_is_the_same_for_every_seed_and_apart_from_the_teachers_pool(tmp_path):
     path, _ = write_jsonl(tmp_path)
     splits = [ts.jsonl_data(ts.Args(**ts.PRESETS["smoke"], data=str(path), seed=seed, out=str(tmp_path)))

@@ -549,12 +549,14 @@ def sft(model, proc, draw_batch, config: dict, device, name: str, seed: int, par
 
 def resume_sft(partial: str, config: dict, model, opt, rng: random.Random) -> dict:
     """The clock (step, seconds, data seconds) of the stage's saved state, loaded into model, opt and rng."""
-    state = load_state(partial, model, opt, config=config) if os.path.exists(partial) else None
-    if os.path.exists(partial):
-        print(f"  {partial}: " + ("saved with other settings, starting over" if state is None else
-                                  f"continuing at step {state['clock']['step']}"))
+    fresh = {"step": 0, "seconds": 0.0, "data": 0.0}
+    if not os.path.exists(partial):
+        return fresh
+    state = load_state(partial, model, opt, config=config)
+    print(f"  {partial}: " + ("saved with other settings, starting over" if state is None else
+                              f"continuing at step {state['clock']['step']}"))
     if state is None:
-        return {"step": 0, "seconds": 0.0, "data": 0.0}
+        return fresh
     version, internal, gauss = state["rng"]
     rng.setstate((version, tuple(internal), gauss))
     return state["clock"]
@@ -1267,11 +1269,11 @@ def finished_or_resumable(a: Args, cfg: kepo.KEPOConfig) -> dict | None:
     folder, settings = run_folder(a), run_settings(a, cfg)
     done, ckpt = os.path.join(folder, "results.json"), os.path.join(folder, "ckpt.pt")
     if os.path.exists(done):
-        then = read_json(done)["settings"]
-        if then != settings:
-            raise UserError(f"{folder} finished with other settings ({differences(then, settings)}); "
+        results = read_json(done)
+        if results["settings"] != settings:
+            raise UserError(f"{folder} finished with other settings ({differences(results['settings'], settings)}); "
                             "use another --out or delete the folder")
-        return read_json(done)
+        return results
     if os.path.exists(ckpt):
         saved = load_state(ckpt)  # memory-mapped: only the step and the settings are read
         if not a.resume:
