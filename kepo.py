@@ -83,9 +83,11 @@ PromptBatch from its processor's output (everything but input_ids/attention_mask
 `vision`), check that `suppressed_ids` covers its image placeholder ids, and check that
 `completion_logits` reproduces `generate`'s logits (test_kepo.py shows how).
 
-Multi-GPU (DDP): each rank calls kepo_step on its own prompts with the student wrapped in
-DistributedDataParallel; the distillation term is normalised by the gated tokens of all
-ranks, so the update equals one process's on the global batch (tested with torchrun).
+Multi-GPU: each rank calls kepo_step on its own prompts, with the student wrapped in
+DistributedDataParallel (DDP), or with student, teacher and reference sharded by FSDP2's
+fully_shard when they do not fit one GPU (see `sharded`). The distillation term is normalised
+by the gated tokens of all ranks, so the update equals one process's on the global batch
+(both tested with torchrun).
 
 Memory: the loss runs cfg.micro_batch_size rows at a time with exact gradient accumulation,
 and the JSD JSD_CHUNK_TOKENS tokens at a time, so no fp32 [N, T, V] tensor is ever built.
@@ -100,6 +102,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 
@@ -223,6 +226,33 @@ def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     return (torch.arange(completion_ids.shape[1], device=completion_ids.device) <= first[:, None]).int()
 
 
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def sharded(model) -> bool:
+    """Is `model` sharded over processes with FSDP2 (torch.distributed.fsdp.fully_shard)?
+
+    The one place this file looks at sharding. A sharded model's forward gathers its weights
+    from every rank, so every rank must run the same forwards in the same order: `generate`
+    runs with synced_gpus (a rank that finishes early keeps stepping until all have), and where
+    a step's data would skip a teacher forward or a `generate` call on one rank only (no cliff
+    group, an empty gate, every hinted prompt done), that rank runs it on a stand-in row and
+    drops the result (`on_any_rank` tells when).
+    """
+    return world_size() > 1 and isinstance(model, FSDPModule)
+
+
+def on_any_rank(flag: bool, *models) -> bool:
+    """`flag` on this rank, or, when one of `models` is sharded, whether it holds on any rank (a collective)."""
+    if not any(sharded(m) for m in models if m is not None):
+        return flag
+    device = next(m for m in models if sharded(m)).parameters().__next__().device
+    any_flag = torch.tensor(float(flag), device=device)
+    torch.distributed.all_reduce(any_flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(any_flag.item())
+
+
 @torch.no_grad()
 def generate_rollouts(model, tokenizer, prompts: PromptBatch, group_size: int, *, temperature: float,
                       top_p: float = 1.0, max_new_tokens: int, suppress: list[int] = ()) -> Rollouts:
@@ -236,7 +266,7 @@ def generate_rollouts(model, tokenizer, prompts: PromptBatch, group_size: int, *
     out = model.generate(input_ids=rows.input_ids, attention_mask=rows.attention_mask, **rows.vision,
                          max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, suppress_tokens=list(suppress) or None,
-                         **sampling)
+                         synced_gpus=sharded(model), **sampling)
     ids = out[:, rows.input_ids.shape[1]:]
     mask = completion_mask(ids, tokenizer.eos_token_id)
     ids = ids.masked_fill(mask == 0, tokenizer.pad_token_id)
@@ -404,10 +434,6 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return total / len(s)
 
 
-def world_size() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
 def data_parallel_sum(x: torch.Tensor) -> torch.Tensor:
     """x summed over the data-parallel ranks (x itself in a single process)."""
     if world_size() > 1:
@@ -434,12 +460,15 @@ def distillation_loss(student_logits: torch.Tensor, teacher, rollouts: Rollouts,
     """
     rows = gate.nonzero().squeeze(1)
     if rows.numel() == 0:
+        if sharded(teacher):  # a stand-in forward: the other ranks' teacher forwards need this rank's (see `sharded`)
+            with torch.no_grad():
+                completion_logits(teacher, rollouts.select([0]), suppress)
         return student_logits.sum() * 0.0
     with torch.no_grad():
         teacher_logits = completion_logits(teacher, rollouts.select(rows), suppress)
     mask = rollouts.completion_mask[rows]
     jsd = generalized_jsd(student_logits[rows], teacher_logits, mask, cfg.beta_jsd, cfg.jsd_temperature)
-    # DDP averages gradients over ranks, hence the factor world_size: the average of the ranks'
+    # DDP and FSDP average gradients over ranks, hence the factor world_size: the average of the ranks'
     # token sums / all_tokens * world is the token mean over the global batch
     return jsd * mask.sum() * world_size() / all_tokens
 
@@ -500,8 +529,9 @@ def rejection_sample(student, tokenizer, hinted: PromptBatch, answers: list[str]
     per_call = tries_per_call(hinted.input_ids.device, cfg.max_attempts)
     for first in range(0, cfg.max_attempts, per_call):
         todo = [i for i, acc in enumerate(accepted) if len(acc) < k]
-        if not todo:
+        if not on_any_rank(bool(todo), student):
             break
+        todo = todo or [0]  # a stand-in where a sharded student's other ranks still sample; it has K already
         n = k * min(per_call, cfg.max_attempts - first)  # samples per prompt in this call
         out = generate_rollouts(student, tokenizer, hinted.select(todo), n, temperature=cfg.temperature,
                                 top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, suppress=suppress)
@@ -545,13 +575,15 @@ def knowledge_enhance(student, teacher, tokenizer, rollouts: Rollouts, rewards: 
     Returns the new rollouts and hint statistics (triggered groups, groups that received at
     least one correct hinted sample, samples injected).
     """
-    hints = write_hints(teacher, tokenizer, hint_prompts.request(groups), cfg, suppress)
+    # A rank with no group (or no hint) where sharded models run on other ranks works on group 0 as
+    # a stand-in and keeps nothing of it: zip() below stops at the real groups (see `sharded`)
+    hints = write_hints(teacher, tokenizer, hint_prompts.request(groups or [0]), cfg, suppress)
     with_hint = [(g, h) for g, h in zip(groups, hints) if h is not None]
+    gs, hs = [g for g, _ in with_hint], [h for _, h in with_hint]
     accepted = {}
-    if with_hint:
-        gs, hs = zip(*with_hint)
-        samples = rejection_sample(student, tokenizer, hint_prompts.hinted(list(gs), list(hs)),
-                                   [answers[g] for g in gs], cfg, suppress)
+    if on_any_rank(bool(gs), student):
+        samples = rejection_sample(student, tokenizer, hint_prompts.hinted(gs or [0], hs or [""]),
+                                   [answers[g] for g in gs or [0]], cfg, suppress)
         accepted = {g: s for g, s in zip(gs, samples) if s}
     stats = {"hint_groups": len(groups), "hint_written": len(with_hint),
              "hint_accept_rate": len(accepted) / max(len(groups), 1),
@@ -667,9 +699,9 @@ def kepo_step(student, optimizer, tokenizer, prompts: PromptBatch, answers: list
 
     Sample G rollouts per prompt, score them, (kepo) enhance cliff groups with hints, then
     the loss of eq. 7 on the (injected) rollouts with rewards recomputed, one clipped optimizer step.
-    Multi-GPU: wrap the student in DistributedDataParallel and give every rank its own B
-    prompts (the same B on each). Sampling uses the bare module; the loss goes through the
-    wrapper, so the update equals a single process's on the whole global batch.
+    Multi-GPU: give every rank its own B prompts (the same B on each), with the student in
+    DistributedDataParallel (sampling uses the bare module, the loss the wrapper) or all
+    models sharded with fully_shard; the update equals a single process's on the global batch.
     """
     check_step_inputs(method, teacher, ref_model, hint_prompts, cfg, prompts, answers)
     policy = student.module if isinstance(student, torch.nn.parallel.DistributedDataParallel) else student
@@ -684,7 +716,7 @@ def kepo_step(student, optimizer, tokenizer, prompts: PromptBatch, answers: list
                    cliff_groups=len(cliff) / len(answers))
     with timed(metrics, "time/hints", dev):
         groups = cliff if cfg.hint_mode == "adaptive" else list(range(len(answers)))
-        if method == "kepo" and groups:
+        if method == "kepo" and on_any_rank(bool(groups), policy, teacher):
             rollouts, stats = knowledge_enhance(policy, teacher, tokenizer, rollouts, acc + fmt, answers,
                                                 groups, hint_prompts, cfg, suppress)
             metrics.update(stats)

@@ -1,5 +1,6 @@
 """Tests for kepo.py (in its section order: math against independent computations, KEPO's own rules on a
 scripted policy, steps on tiny Hugging Face VLMs) and for train_small.py."""
+import datetime
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from torch.nn.utils.rnn import pad_sequence
 from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
@@ -813,8 +815,11 @@ def torchrun(*args, **kwargs):
                           capture_output=True, text=True, timeout=300, **kwargs)
 
 
-def ddp_worker():
-    """Run by test_ddp_...: `torchrun --nproc_per_node 2 test_kepo.py`. Fixed rollouts, one global batch."""
+def distributed_worker(mode: str):
+    """Run by test_ddp_... and test_sharded_...: `torchrun --nproc_per_node 2 test_kepo.py --worker ddp|shard`.
+
+    Fixed rollouts, one global batch: the loss and gradients of 2 ranks against one process's.
+    """
     tok = make_tokenizer()
     cfg = kepo.KEPOConfig(group_size=2, tau=1.0)
     teacher = tiny_vlm(tok, 48, seed=1)
@@ -822,42 +827,81 @@ def ddp_worker():
     ids = torch.randint(5, len(tok), (8, 5), generator=torch.Generator().manual_seed(0))
     mask = (torch.arange(5) < torch.tensor([5, 3, 4, 2, 5, 1, 3, 4])[:, None]).int()
     rollouts = kepo.Rollouts(prompts.select([0, 0, 1, 1, 2, 2, 3, 3]), ids, mask, [""] * 8)
-    # tau=1 gates rows 0, 2, 3 (11 tokens) on rank 0 and rows 6, 7 (7 tokens) on rank 1
-    rewards = torch.tensor([2.0, 0.0, 1.0, 2.0, 0.0, 0.0, 2.0, 1.0])
+    # tau=1 gates rows 0, 2, 3 (11 tokens) on rank 0 and row 7 (4 tokens) on rank 1; in micro-batches
+    # of 3 rows, rank 1's first gates nothing while rank 0's first runs the teacher
+    rewards = torch.tensor([2.0, 0.0, 1.0, 2.0, 0.0, 0.0, 0.0, 1.0])
     single = tiny_vlm(tok, 32, seed=0)  # one process, the whole batch (before the group exists)
     loss = kepo.kepo_backward(single, teacher, rollouts, rewards, "kdpo", cfg)["loss"]
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    student = tiny_vlm(tok, 32, seed=0)
-    ddp = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=WORKER_TIMEOUT))
+    rank, student = dist.get_rank(), tiny_vlm(tok, 32, seed=0)
+    if mode == "shard":
+        student, teacher = ts.shard(student, "cpu"), ts.shard(teacher, "cpu")
+    model = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True) if mode == "ddp" \
+        else student
     rows = list(range(4 * rank, 4 * rank + 4))
-    # micro-batches of 3 rows on 4: the second chunk's backward is the one DDP all-reduces
-    shard = kepo.kepo_backward(ddp, teacher, rollouts.select(rows), rewards[rows], "kdpo",
-                               replace(cfg, micro_batch_size=3))
-    mean = torch.tensor(shard["loss"])
+    part = kepo.kepo_backward(model, teacher, rollouts.select(rows), rewards[rows], "kdpo",
+                              replace(cfg, micro_batch_size=3))
+    mean = torch.tensor(part["loss"])
     dist.all_reduce(mean)
     mean /= dist.get_world_size()
-    print(f"rank {rank}: single {loss:.8f} ddp {mean.item():.8f} "
-          f"max grad diff {(grads(student) - grads(single)).abs().max().item():.2e}")
+    diff = (grads(student) - grads(single)).abs().max().item()
+    print(f"rank {rank}: single {loss:.8f} {mode} {mean.item():.8f} max grad diff {diff:.2e}")
     assert abs(mean.item() - loss) < 1e-6, (mean, loss)
-    assert torch.allclose(grads(student), grads(single), atol=1e-6)
+    assert diff < 1e-6
+    if mode == "shard":
+        held = torch.tensor([sum(p.to_local().numel() for p in m.parameters()) for m in (student, teacher)])
+        whole = torch.tensor([sum(p.numel() for p in m.parameters()) for m in (single, teacher)])
+        print(f"rank {rank}: holds {(held / whole).tolist()} of the student's and the teacher's weights")
+        assert (held <= 0.6 * whole).all()  # each rank about half (each block is split on its first dimension)
+        dist.all_reduce(held)
+        assert torch.equal(held, whole)
+        sharded_hints_run_in_lockstep(tok, student, teacher, rank)
     # Tear down in order. DDP's reducer holds the process group, and gloo's worker thread frees
     # each finished all_reduce (whose tensors need the GIL) after the caller has moved on; a
     # group destroyed under the GIL before that deadlocks. The barrier drains the queue first.
-    del ddp
+    del model
     dist.barrier()
     dist.destroy_process_group()
 
 
+WORKER_TIMEOUT = 60  # seconds a rank waits in a collective: a rank left waiting by the other fails the test
+
+
+def sharded_hints_run_in_lockstep(tok, student, teacher, rank):
+    """Sampling where rank 1 stops first, a KEPO step where rank 0 has a cliff group and rank 1 none, then
+    rejection sampling where rank 1 accepts at its first try and rank 0 never: each rank's work differs, yet
+    every forward of the sharded models needs both ranks. Run in this worker process only: it patches kepo."""
+    prompts = prompt_batch(tok, ["what is shown", "look at lesion"])
+    # rank 1's samples all end at their first token (all else suppressed), rank 0's run on: generate stays in step
+    others = [i for i in range(len(tok)) if i != tok.eos_token_id] if rank == 1 else []
+    out = kepo.generate_rollouts(student, tok, prompts, 2, temperature=1.0, max_new_tokens=6, suppress=others)
+    assert rank == 0 or out.completion_ids.shape[1] == 1
+    hints = kepo.HintPrompts(request=prompts.select, hinted=lambda idx, h: prompts.select(idx))
+    cfg = kepo.KEPOConfig(group_size=2, max_new_tokens=4, max_hint_tokens=4, max_attempts=3)
+    kepo.extract_hint = lambda text: "look"  # the random teacher writes no tags
+    kepo.cliff_groups = lambda *args: [0] if rank == 0 else []
+    opt = torch.optim.SGD(student.parameters(), lr=0.0)
+    m = kepo.kepo_step(student, opt, tok, prompts, ["a", "b"], cfg, "kepo", teacher, hint_prompts=hints)
+    assert (m.get("hint_groups", 0), m.get("hint_written", 0)) == ((1, 1) if rank == 0 else (0, 0)), m
+    kepo.accuracy_reward = lambda texts, answers: torch.full((len(texts),), float(rank == 1))
+    accepted = kepo.rejection_sample(student, tok, prompts, ["a", "b"], cfg)
+    assert [len(a) for a in accepted] == ([0, 0] if rank == 0 else [2, 2])
+    print(f"rank {rank}: hints and rejection sampling in lockstep")
+
+
 def grads(model):
-    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    """All gradients in one flat tensor; a sharded model's are gathered whole (a collective)."""
+    return torch.cat([(p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).flatten()
+                      for p in model.parameters() if p.grad is not None])
 
 
-def test_ddp_loss_and_gradients_equal_one_process_on_the_same_global_batch():
+@pytest.mark.parametrize("mode", ["ddp", "shard"])
+def test_two_ranks_give_one_process_loss_and_gradients_on_the_same_global_batch(mode):
     # fixed rollouts: sampled ones differ across world sizes (each rank draws its own stream)
-    proc = torchrun(os.path.abspath(__file__), "--ddp-worker")
+    proc = torchrun(os.path.abspath(__file__), "--worker", mode)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("max grad diff") == 2
+    assert proc.stdout.count("in lockstep") == (2 if mode == "shard" else 0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -979,20 +1023,31 @@ def refused(proc, message: str) -> bool:
     return proc.returncode == 2 and "Traceback" not in proc.stderr and re.search(message, last) is not None
 
 
+def kill_at_first_checkpoint(command: list[str], ckpt, how=signal.SIGKILL):
+    """Start `command`, send it `how` as soon as `ckpt` exists, and check it had not finished.
+    (torchrun stops its workers on SIGTERM; killed, it would leave them running.)"""
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 200
+    while not ckpt.exists() and time.time() < deadline and run.poll() is None:
+        time.sleep(0.02)
+    run.send_signal(how)
+    assert run.wait() != 0 and not (ckpt.parent / "results.json").exists(), "the run finished before it was killed"
+
+
+def rl_metrics(root):
+    """The smoke kepo run's metrics.jsonl under `root`, without the timings."""
+    lines = (root / "smoke-seed1" / "rl-kepo" / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")} for x in lines]
+
+
 def test_killed_run_resumes_exactly_and_never_mixes_settings(smoke, tmp_path):
     """README "Interrupted runs": each case of a rerun over an unfinished or finished run."""
     out, _ = smoke
     shutil.copytree(out, tmp_path, dirs_exist_ok=True)
     shutil.rmtree(tmp_path / "smoke-seed1" / "rl-kepo")
     flags = ["--preset", "smoke", "--out", str(tmp_path), "--device", "cpu"]
-    run = subprocess.Popen([sys.executable, os.path.join(HERE, "train_small.py"), *flags], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "smoke-seed1" / "rl-kepo" / "ckpt.pt"
-    deadline = time.time() + 200
-    while not ckpt.exists() and time.time() < deadline and run.poll() is None:
-        time.sleep(0.02)
-    run.send_signal(signal.SIGKILL)
-    assert run.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_at_first_checkpoint([sys.executable, os.path.join(HERE, "train_small.py"), *flags], ckpt)
     assert refused(run_script(*flags), "holds an unfinished run .*add --resume")
     grpo = ts.Args(**ts.PRESETS["smoke"], preset="smoke", method="grpo")
     assert ts.run_settings(grpo, ts.kepo_config(grpo)) == ts.run_settings(replace(grpo, tau=2.0), ts.kepo_config(
@@ -1004,12 +1059,7 @@ def test_killed_run_resumes_exactly_and_never_mixes_settings(smoke, tmp_path):
             ts.finished_or_resumable(replace(args, **change), ts.kepo_config(replace(args, **change)))
     resumed = run_script(*flags, "--resume")
     assert resumed.returncode == 0 and "resumed" in resumed.stdout, resumed.stderr[-3000:]
-
-    def metrics(root):
-        lines = (root / "smoke-seed1" / "rl-kepo" / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")} for x in lines]
-
-    assert metrics(tmp_path) == metrics(out)
+    assert rl_metrics(tmp_path) == rl_metrics(out)
     a, b = (json.loads((r / "smoke-seed1" / "rl-kepo" / "results.json").read_text()) for r in (out, tmp_path))
     assert {k: a[k] for k in ts.MODALITIES} == {k: b[k] for k in ts.MODALITIES}
     assert not ckpt.exists()  # a finished run keeps its student/, not its checkpoint
@@ -1115,6 +1165,32 @@ def test_torchrun_smoke_trains_on_two_processes_and_rank0_writes(smoke, tmp_path
                   rng=[(torch.get_rng_state(), [])] * 2)
     with pytest.raises(ts.UserError, match="written by 2 processes"):
         ts.rl_start(ts.Args(resume=True, device="cpu"), str(run), str(run / "student"))
+
+
+def test_sharded_smoke_run_trains_saves_resumes_and_reloads(smoke, tmp_path):
+    """--shard on 2 processes: a run killed after its first checkpoint and resumed ends as the run left alone,
+    and its student loads in one process."""
+    for name in ("whole", "killed"):
+        shutil.copytree(smoke[0], tmp_path / name)
+        shutil.rmtree(tmp_path / name / "smoke-seed1" / "rl-kepo")
+    script = [os.path.join(HERE, "train_small.py"), "--preset", "smoke", "--device", "cpu", "--shard", "--steps", "3",
+              "--ckpt-every", "1"]
+    whole = torchrun(*script, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = tmp_path / "killed"
+    run = killed / "smoke-seed1" / "rl-kepo"
+    kill_at_first_checkpoint([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *script,
+                              "--out", str(killed)], run / "ckpt.pt", signal.SIGTERM)
+    resumed = torchrun(*script, "--out", str(killed), "--resume")
+    assert resumed.returncode == 0 and "resumed" in resumed.stdout, resumed.stderr[-3000:]
+    assert rl_metrics(killed) == rl_metrics(tmp_path / "whole")
+    assert all(m["grad_norm"] > 0 and m["gate_frac"] > 0 for m in rl_metrics(killed))
+    settings = json.loads((run / "results.json").read_text())["settings"]
+    assert settings["shard"] and settings["world_size"] == 2
+    student, init = (ts.load_model(str(p), "cpu", "") for p in (run / "student", killed / "smoke-seed1" / "student_init"))
+    other = ts.load_model(str(tmp_path / "whole" / "smoke-seed1" / "rl-kepo" / "student"), "cpu", "")
+    weights = list(zip(student.state_dict().values(), init.state_dict().values(), other.state_dict().values()))
+    assert any(not torch.equal(w, w0) for w, w0, _ in weights) and all(torch.equal(w, w1) for w, _, w1 in weights)
 
 
 def test_torchrun_needs_the_stages_cached_by_one_process(tmp_path, monkeypatch):
@@ -1309,9 +1385,9 @@ def test_bad_jsonl_stops_the_cli_before_training(tmp_path):
     assert not (tmp_path / "runs" / "smoke-omni-teacher").exists()
 
 
-if __name__ == "__main__":  # torchrun runs this file as the DDP worker
-    if "--ddp-worker" in sys.argv:
-        ddp_worker()
+if __name__ == "__main__":  # torchrun runs this file as the DDP or sharded worker
+    if "--worker" in sys.argv:
+        distributed_worker(sys.argv[sys.argv.index("--worker") + 1])
     elif "--memory-worker" in sys.argv:  # the memory benchmark runs each setting in its own process
         size = sys.argv[sys.argv.index("--memory-worker") + 1]
         memory_worker(None if size == "all" else int(size))

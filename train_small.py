@@ -7,6 +7,7 @@
     python train_small.py --steps 0           # the stages and the premises table only
     python train_small.py --data omni.jsonl --student ckpt/student --teacher ckpt/teacher   # beyond the toy
     torchrun --nproc_per_node 4 train_small.py ...   # one process per GPU (DDP), after a --steps 0 run
+    torchrun --nproc_per_node 8 train_small.py --shard ...   # models sharded over the GPUs (FSDP2)
 
 Stages, each cached under --out: 1. teacher SFT on every modality, also writing a hint from
 the answer; 2. base student pretrained to describe images of every modality (the stand-in for
@@ -35,6 +36,7 @@ import statistics
 import string
 import sys
 import time
+import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -68,6 +70,8 @@ class Args:
     micro_batch: int = arg(0, "rows per forward and backward of an RL step, gradients accumulated exactly (0: all)")
     dtype: str = arg("fp32", "fp32 | bf16: teacher and reference in bf16, the student's RL step under bf16 "
                              "autocast (its weights and optimizer stay fp32)")
+    shard: bool = arg(False, "under torchrun: shard student, reference and teacher over the processes with FSDP2 "
+                             "(fully_shard) instead of copying the student on each (DDP)")
     # RL (stage 4)
     steps: int = arg(200, "RL steps (0: stop after the stages and the premises table)")
     batch_prompts: int = arg(64, "prompts per RL step (B; split over torchrun processes)")
@@ -154,6 +158,8 @@ def check_args(a: Args) -> str | None:
         (a.n_cliff <= a.n_train, f"--n-cliff {a.n_cliff} must be <= --n-train {a.n_train}"),
         (bool(a.student) == bool(a.teacher), "--student and --teacher go together (every method but grpo needs "
                                              "the teacher, and the table compares with it)"),
+        (not a.shard or int(os.environ.get("WORLD_SIZE", "1")) > 1, "--shard needs torchrun with 2 or more "
+                                                                     "processes"),
         (a.device == "auto" or a.device == "cpu" or a.device.split(":")[0] == "cuda", f"--device {a.device}: "
                                                                                      "auto, cpu, cuda or cuda:N"),
     ]
@@ -171,6 +177,10 @@ if __name__ == "__main__":
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
+                                                     get_state_dict, set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method  # noqa: E402
 from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers  # noqa: E402
 from transformers import (AutoModelForImageTextToText, AutoProcessor, LlavaConfig,  # noqa: E402
@@ -204,7 +214,7 @@ class Stages:
     student_src: str  # folder of the warm student: every method starts from it
     data: Data
     before: dict  # the measurements before RL (before_rl.json)
-    master: bool  # rank 0 (or the only process): the one that evaluates, prints and writes files
+    master: bool  # rank 0 (or the only process): the one that prints and writes files
 
 
 RANK_SEED_STRIDE = 7919  # a prime: each rank's sampling seed, far from the next run's seed
@@ -216,32 +226,32 @@ def rl(a: Args, cfg: kepo.KEPOConfig, s: Stages, run_dir: str, settings: dict):
 
     Under torchrun every rank takes its slice of each step's prompts; rank 0 writes.
     """
-    world, dtype = kepo.world_size(), DTYPES[a.dtype]
-    ref = load_model(s.student_src, a.device, "the warm student").to(dtype).requires_grad_(False)  # the kl metric
-    teacher = s.teacher.to(dtype)  # the frozen models only run forward passes: bf16 halves their memory
+    world = kepo.world_size()
+    ref = frozen(load_model(s.student_src, a.device, "the warm student"), a)  # for the kl metric
     student, opt, start = rl_start(a, run_dir, s.student_src)
     # find_unused_parameters: VLMs hold weights no loss reaches (SigLIP's pooling head, for one)
-    model = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True) if world > 1 else student
+    ddp = world > 1 and not a.shard
+    model = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True) if ddp else student
     log = Progress(run_dir, start, a, s.master)
     for step in range(start + 1, a.steps + 1):
         exs = rl_batch(a, s.data.train, step)[rank()::world]
         with torch.autocast(torch.device(a.device).type, torch.bfloat16, enabled=a.dtype == "bf16"):
             m = kepo.kepo_step(model, opt, s.proc.tokenizer, student_prompts(s.proc, exs, a.device),
-                               [e.answer for e in exs], cfg, a.method, teacher=teacher, ref_model=ref,
+                               [e.answer for e in exs], cfg, a.method, teacher=s.teacher, ref_model=ref,
                                hint_prompts=hint_prompts(exs, s.proc, a.device))
         m = reduce_metrics(m) | {"step": step}
-        if s.master and (step % a.eval_every == 0 or step == a.steps):
+        if step % a.eval_every == 0 or step == a.steps:
             t = time.time()
             m["eval/OOD"] = summarize(s.data.curve, correctness(student, s.proc, s.data.curve, cfg, a.device),
                                       s.data)["OOD"]
             m["time/eval"] = time.time() - t
         log.step(m)
         if step % a.ckpt_every == 0:
-            save_checkpoint(run_dir, step, student, opt, settings, s.master)
-    if s.master:
-        save_atomically(os.path.join(run_dir, "student"), lambda d: (student.save_pretrained(d),
+            save_checkpoint(run_dir, step, student, opt, settings)
+    weights = get_model_state_dict(student, options=WHOLE)  # a collective when sharded
+    if s.master:  # a plain checkpoint: from_pretrained loads it in one process, sharded or not
+        save_atomically(os.path.join(run_dir, "student"), lambda d: (student.save_pretrained(d, state_dict=weights),
                                                                       s.proc.save_pretrained(d)))
-    barrier()  # the one place ranks wait: every rank has finished its steps before rank 0 evaluates
     return student
 
 
@@ -267,6 +277,8 @@ def hint_prompts(exs: list[Example], proc, device) -> kepo.HintPrompts:
 def rl_start(a: Args, run_dir: str, student_src: str):
     """(student, optimizer, last finished step): from the run's checkpoint with --resume, else fresh."""
     student = load_model(student_src, a.device, "the warm student")
+    if a.shard:
+        shard(student, a.device)  # before the optimizer: it holds this rank's shards
     opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.0)
     ckpt = os.path.join(run_dir, "ckpt.pt")
     if not (a.resume and os.path.exists(ckpt)):
@@ -315,14 +327,21 @@ EVAL_BATCH = 256  # rows per generate call in evaluation
 @torch.no_grad()
 def completions(model, proc, examples: list[Example], texts: list[str], cfg: kepo.KEPOConfig, device, group_size=1,
                 temperature=0.0, max_new_tokens=0) -> list[str]:
-    """len(examples) * group_size completions of the prompts `texts`, in batches of about EVAL_BATCH rows."""
-    out, step = [], max(EVAL_BATCH // group_size, 1)
-    for i in range(0, len(examples), step):
+    """len(examples) * group_size completions of the prompts `texts`, in batches of about EVAL_BATCH rows.
+
+    Under torchrun every rank completes an equal slice (a sharded model needs every rank in each
+    call) and every rank gets the whole list.
+    """
+    world, n, out, step = kepo.world_size(), len(examples) * group_size, [], max(EVAL_BATCH // group_size, 1)
+    share = -(-len(examples) // world)
+    pad, mine = share * world - len(examples), slice(rank() * share, (rank() + 1) * share)
+    examples, texts = (examples + examples[-1:] * pad)[mine], (texts + texts[-1:] * pad)[mine]  # padded by copies
+    for i in range(0, share, step):
         batch = encode(proc, examples[i:i + step], texts[i:i + step], device)
         out += kepo.generate_rollouts(model, proc.tokenizer, batch, group_size, temperature=temperature,
                                       top_p=cfg.top_p, max_new_tokens=max_new_tokens or cfg.max_new_tokens,
                                       suppress=kepo.suppressed_ids(proc.tokenizer, model)).texts
-    return out
+    return sum(gather(out), [])[:n]
 
 
 def correctness(model, proc, examples: list[Example], cfg: kepo.KEPOConfig, device, group_size=1,
@@ -1214,11 +1233,18 @@ def require_single_process(what: str):
         raise UserError(f"{what} is missing; {TORCHRUN_NEEDS_STAGES}")
 
 
+# Whole tensors, keyed by parameter name, on rank 0's CPU: the same file from 1 process or N, sharded or not
+WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
 def save_state(path: str, model, opt, **extra) -> float:
     """Weights, optimizer state and `extra` in one file, written under a temporary name and renamed (a kill
-    leaves the previous file whole); returns the time it was written."""
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), **extra}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    leaves the previous file whole); returns the time it was written. Under torchrun every rank calls it
+    (gathering a sharded model is a collective) and rank 0 writes."""
+    weights, optimizer = get_state_dict(model, opt, options=WHOLE)
+    if rank() == 0:
+        torch.save({"model": weights, "optimizer": optimizer, **extra}, path + ".tmp")
+        os.replace(path + ".tmp", path)
     return time.time()
 
 
@@ -1230,17 +1256,17 @@ def load_state(path: str, model=None, opt=None, **expect) -> dict | None:
         raise UserError(f"{path} cannot be read ({type(e).__name__}: {e}); delete it to start over") from e
     if any(state.get(k) != as_json(v) for k, v in expect.items()):
         return None
-    if model is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+    if model is not None:  # every rank reads the whole file and keeps its shards
+        set_model_state_dict(model, state["model"], options=WHOLE)
+        # not strict: a weight no loss has reached (SigLIP's pooling head) has no optimizer state to restore
+        set_optimizer_state_dict(model, opt, state["optimizer"], options=replace(WHOLE, strict=False))
     return state
 
 
-def save_checkpoint(run_dir: str, step: int, student, opt, settings: dict, master: bool):
+def save_checkpoint(run_dir: str, step: int, student, opt, settings: dict):
     """The RL state after `step`: weights, optimizer, every rank's RNG state and the run's settings (rank 0 writes)."""
     rng = gather((torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
-    if master:
-        save_state(os.path.join(run_dir, "ckpt.pt"), student, opt, step=step, rng=rng, settings=settings)
+    save_state(os.path.join(run_dir, "ckpt.pt"), student, opt, step=step, rng=rng, settings=settings)
 
 
 NOT_SHAPING = ("out", "resume", "compare", "report", "log_every", "ckpt_every", "device")  # flags a rerun may change
@@ -1303,12 +1329,31 @@ def setup_distributed(a: Args) -> Args:
     return a
 
 
-COLLECTIVE_MINUTES = 60  # ranks wait this long for each other at most (rank 0 evaluates while the others wait)
+COLLECTIVE_MINUTES = 60  # ranks wait this long for each other at most (rank 0 writes files while the others wait)
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
+def shard(model, device):
+    """FSDP2 over every rank, in place: each block transformers keeps whole (its _no_split_modules: decoder
+    and vision encoder layers), then the root. `generate` is registered as a forward, so the root's own
+    weights (embeddings, norms, the projector) are gathered for it as for a forward."""
+    # FSDP2 warns at every forward that a module returned a view, in case the caller edits it in place; nothing
+    # here does (sharded gradients equal one process's: test_two_ranks_give_one_process_loss_and_gradients...)
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    mesh = init_device_mesh(torch.device(device).type, (kepo.world_size(),))
+    for module in model.modules():
+        if type(module).__name__ in model._no_split_modules:
+            fully_shard(module, mesh=mesh)
+    # the root frees its gathered weights after each forward too: FSDP's default keeps them for the backward,
+    # which a frozen teacher or reference never runs, so they would stay gathered
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    register_fsdp_forward_method(model, "generate")
+    return model
+
+
+def frozen(model, a: Args):
+    """A model that only runs forwards (teacher, reference): in --dtype (bf16 halves it), no grads, --shard."""
+    model = model.to(DTYPES[a.dtype]).requires_grad_(False)
+    return shard(model, a.device) if a.shard else model
 
 
 def gather(obj) -> list:
@@ -1369,6 +1414,7 @@ def stages(a: Args, cfg: kepo.KEPOConfig) -> Stages:
         student = student_stage(a, proc, data, base_stage(a, proc, data))
         student_src = os.path.join(seed_root(a), "student_init")
     before = before_rl(a, cfg, proc, teacher, student, data)
+    teacher = frozen(teacher, a)
     print(f"learning cliff before RL ({data.train_modality} train, G={a.group_size}, all samples wrong): "
           + ", ".join(f"{q} {v:.2f}" for q, v in before["cliff"].items()))
     print("premises (before RL; a comparison of methods means something only where they hold):")
@@ -1380,16 +1426,14 @@ def stages(a: Args, cfg: kepo.KEPOConfig) -> Stages:
     return Stages(proc, teacher, student_src, data, before, master=rank() == 0)
 
 
-def run_method(a: Args, cfg: kepo.KEPOConfig, s: Stages) -> dict | None:
-    """Stages 4-5 (RL, evaluation) for one method; writes and returns results.json (None off rank 0)."""
+def run_method(a: Args, cfg: kepo.KEPOConfig, s: Stages) -> dict:
+    """Stages 4-5 (RL, evaluation) for one method; returns results.json, which rank 0 writes."""
     folder, settings = run_folder(a), run_settings(a, cfg)
     os.makedirs(folder, exist_ok=True)
     print(f"stage 4: RL ({run_name(a)}) on {len(s.data.train)} {s.data.train_modality} questions, {a.steps} steps x "
           f"{a.batch_prompts} prompts x G={a.group_size}")
     start = time.time()
     student = rl(a, cfg, s, folder, settings)
-    if not s.master:
-        return None
     rl_time, start = time.time() - start, time.time()
     res = summarize(s.data.test, correctness(student, s.proc, s.data.test, cfg, a.device), s.data)
     still, was = cliff_mask(student, s.proc, s.data.cliff, cfg, a.device), s.before["cliff_mask"]
@@ -1397,8 +1441,9 @@ def run_method(a: Args, cfg: kepo.KEPOConfig, s: Stages) -> dict | None:
     phases = {k: sum(m.get(k, 0.0) for m in read_metrics(folder)) for k in PHASES}
     res.update(method=a.method, run=run_name(a), seed=a.seed, preset=a.preset, settings=settings, rl_seconds=rl_time,
                eval_seconds=time.time() - start, phases=phases, kepo_config=asdict(cfg))
-    write_json(os.path.join(folder, "results.json"), res)
-    remove(os.path.join(folder, "ckpt.pt"))  # finished: student/ holds the result
+    if s.master:
+        write_json(os.path.join(folder, "results.json"), res)
+        remove(os.path.join(folder, "ckpt.pt"))  # finished: student/ holds the result
     return res
 
 
