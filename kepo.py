@@ -27,7 +27,7 @@ Method names (`kepo_step(method=...)`):
   kepo  kdpo + hints (knowledge-enhanced exploration) on cliff groups
 
 One training step, in reading order of this file:
-  1. generation ............ generate_rollouts, completion_logits, selective_logps
+  1. generation ............ generate_rollouts, completion_logits, selective_logps (sharded, on_any_rank)
   2. reward ................ format_reward, accuracy_reward, kepo_reward
   3. GRPO .................. group_advantages, policy_loss (k3_kl)
   4. quality gate .......... quality_gate
