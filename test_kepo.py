@@ -1279,6 +1279,7 @@ def test_a_chat_checkpoint_is_asked_in_words(tmp_path):
     (["--student", "nowhere", "--teacher", "nowhere"], "--student nowhere: not a checkpoint folder"),
     (["--student", "."], "--student and --teacher go together"),
     (["--data", "missing.jsonl"], "--data missing.jsonl: no such file"),
+    (["--shard"], "--shard needs torchrun with 2 or more processes"),
     pytest.param(["--device", "cuda"], "--device cuda: .* sees no CUDA GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
 ])
