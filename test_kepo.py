@@ -990,7 +990,7 @@ def test_smoke_pipeline_prints_table_writes_json_and_reloads(smoke):
     out, stdout = smoke
     header = next(line for line in stdout.splitlines() if "mri*" in line)
     assert all(m in header for m in ts.MODALITIES) and "OOD" in header
-    assert "learning cliff before RL" in stdout and "rl-kepo" in stdout and "\nchance " in stdout
+    assert "learning cliff before RL" in stdout and "rl-kepo" in stdout and "| chance |" in stdout
     assert "premises" in stdout and "base student names the organ" in stdout
     assert json.loads((out / "smoke-base" / "stage.json").read_text())["times"]["seconds"] > 0  # the base stage ran
     root = out / "smoke-seed1"
@@ -1143,7 +1143,7 @@ def test_compare_runs_every_method_from_one_student(smoke, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = proc.stdout[proc.stdout.index("greedy accuracy"):]
     for name in ts.METHODS:
-        assert f"\nrl-{name} " in table
+        assert f"| rl-{name} |" in table
         assert json.loads((out / "smoke-seed1" / f"rl-{name}" / "results.json").read_text())["settings"]["steps"] == 2
     assert "stage 3" not in proc.stdout  # every method starts from the cached warm student
 
@@ -1250,6 +1250,14 @@ def test_second_family_trains_through_student_and_teacher_flags(tmp_path):
     assert len(lines) == 2 and lines[0]["hint_groups"] > 0 and all(math.isfinite(m["loss"]) for m in lines)
     config = json.loads((run / "results.json").read_text())["kepo_config"]
     assert config["max_new_tokens"] == 6 and config["micro_batch_size"] == 4
+
+
+def test_checkpoints_load_in_fp32_whatever_dtype_they_were_saved_in(tmp_path):
+    """transformers 5 keeps a checkpoint's own dtype (Qwen3-VL's is bf16); a student trained in bf16 weights would
+    not move at the paper's lr of 1e-6. Teacher and reference load in --dtype."""
+    tiny_vlm(make_tokenizer()).to(torch.bfloat16).save_pretrained(tmp_path)
+    assert {p.dtype for p in ts.load_model(str(tmp_path), "cpu", "").parameters()} == {torch.float32}
+    assert {p.dtype for p in ts.load_model(str(tmp_path), "cpu", "", torch.bfloat16).parameters()} == {torch.bfloat16}
 
 
 def test_a_chat_checkpoint_is_asked_in_words(tmp_path):

@@ -40,6 +40,7 @@ import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 
 # ---------------------------------------------------------------------------------------
@@ -227,7 +228,7 @@ def rl(a: Args, cfg: kepo.KEPOConfig, s: Stages, run_dir: str, settings: dict):
     Under torchrun every rank takes its slice of each step's prompts; rank 0 writes.
     """
     world = kepo.world_size()
-    ref = frozen(load_model(s.student_src, a.device, "the warm student"), a)  # for the kl metric
+    ref = frozen(load_model(s.student_src, home(a), "the warm student", DTYPES[a.dtype]), a)  # for the kl metric
     student, opt, start = rl_start(a, run_dir, s.student_src)
     # find_unused_parameters: VLMs hold weights no loss reaches (SigLIP's pooling head, for one)
     ddp = world > 1 and not a.shard
@@ -276,7 +277,7 @@ def hint_prompts(exs: list[Example], proc, device) -> kepo.HintPrompts:
 
 def rl_start(a: Args, run_dir: str, student_src: str):
     """(student, optimizer, last finished step): from the run's checkpoint with --resume, else fresh."""
-    student = load_model(student_src, a.device, "the warm student")
+    student = load_model(student_src, home(a), "the warm student")
     if a.shard:
         shard(student, a.device)  # before the optimizer: it holds this rank's shards
     opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.0)
@@ -303,7 +304,8 @@ class Progress:
         self.t0 = self.shown = time.time()
         if master:  # drop lines logged after the checkpoint we resume from
             kept = [m for m in read_metrics(run_dir) if m["step"] <= start] if start else []
-            write_lines(self.path, kept)
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(m) + "\n" for m in kept)
 
     def step(self, m: dict):
         if self.master:
@@ -447,12 +449,10 @@ def before_rl(a: Args, cfg: kepo.KEPOConfig, proc, teacher, student, data: Data)
     return before
 
 
-def print_table(head: list[str], rows: list[list]):
-    """A plain-text table, numbers to 3 decimals, each column as wide as its widest cell."""
-    cells = [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in r] for r in [head] + rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
-    for r in cells:
-        print(r[0].ljust(widths[0] + 2) + "  ".join(c.rjust(w) for c, w in zip(r[1:], widths[1:])))
+def md_table(head: list[str], rows: list[list]) -> list[str]:
+    """The lines of a markdown table, numbers to 3 decimals: what the console shows and the report writes."""
+    cells = [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    return ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"] + ["| " + " | ".join(r) + " |" for r in cells]
 
 
 # ---------------------------------------------------------------------------------------
@@ -518,7 +518,7 @@ def stage_config(a: Args, data: Data, size: tuple, steps: int, lr: float) -> dic
 
 def sft_stage(a: Args, path: str, config: dict, proc, init, draw_batch, seed: int, title: str):
     """A cached supervised stage: the model in `path` if it finished with `config`, else init() trained and saved."""
-    cached = load_stage(path, config, a.device)
+    cached = load_stage(path, config, home(a))
     if cached is not None:
         return cached
     require_single_process(path)
@@ -528,7 +528,7 @@ def sft_stage(a: Args, path: str, config: dict, proc, init, draw_batch, seed: in
     times = sft(model, proc, draw_batch, config, a.device, os.path.basename(path), seed, path + ".partial.pt")
     save_atomically(path, lambda d: (model.save_pretrained(d), proc.save_pretrained(d),
                                      write_json(os.path.join(d, "stage.json"), {"config": config, "times": times})))
-    remove(path + ".partial.pt")
+    Path(path + ".partial.pt").unlink(missing_ok=True)
     return model
 
 
@@ -616,8 +616,9 @@ def warmup_batch(warm_set: list[Example], pool: list[Example]):
 
 def pretrained_stages(a: Args):
     """Stages 1-3 replaced by local checkpoints: (processor, teacher, student)."""
-    student, proc = load_model(a.student, a.device, "--student"), load_processor(a.student, "--student")
-    teacher, teacher_proc = load_model(a.teacher, a.device, "--teacher"), load_processor(a.teacher, "--teacher")
+    student, proc = load_model(a.student, home(a), "--student"), load_processor(a.student, "--student")
+    teacher = load_model(a.teacher, home(a), "--teacher", DTYPES[a.dtype])
+    teacher_proc = load_processor(a.teacher, "--teacher")
     if teacher_proc.tokenizer.get_vocab() != proc.tokenizer.get_vocab():
         raise UserError(f"--teacher {a.teacher} and --student {a.student} have different vocabularies; "
                         "token-level distillation needs one tokenizer")
@@ -1123,10 +1124,6 @@ def jsonl_data(a: Args) -> Data:
                 pool=[e for m in pool for e in pool[m]], fingerprint=fingerprint)
 
 
-def load_data(a: Args) -> Data:
-    return jsonl_data(a) if a.data else toy_data(a)
-
-
 # ---------------------------------------------------------------------------------------
 # Infrastructure: folders, files, cached stages, checkpoints, torchrun
 # ---------------------------------------------------------------------------------------
@@ -1169,11 +1166,6 @@ def write_json(path: str, obj):
         json.dump(obj, f, indent=1)
 
 
-def write_lines(path: str, records: list[dict]):
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-
-
 def read_metrics(run_dir: str) -> list[dict]:
     """The run's metrics.jsonl, one dict per logged step ([] before the first)."""
     path = os.path.join(run_dir, "metrics.jsonl")
@@ -1181,11 +1173,6 @@ def read_metrics(run_dir: str) -> list[dict]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f]
-
-
-def remove(path: str):
-    if os.path.exists(path):
-        os.remove(path)
 
 
 def save_atomically(path: str, write):
@@ -1198,10 +1185,11 @@ def save_atomically(path: str, write):
     os.replace(tmp, path)
 
 
-def load_model(path: str, device, what: str):
-    """from_pretrained(path) on `device`; a folder that does not load names itself and `what` it is."""
+def load_model(path: str, device, what: str, dtype=torch.float32):
+    """from_pretrained(path) in `dtype` on `device`; a folder that does not load names itself and `what` it is.
+    fp32 unless asked: transformers 5 keeps a checkpoint's own dtype, often bf16, where a small lr moves no weight."""
     try:
-        return AutoModelForImageTextToText.from_pretrained(path).to(device)
+        return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
     except Exception as e:
         raise UserError(f"{what} {path} cannot be loaded ({type(e).__name__}: {e}); delete it to rebuild it, "
                         "or check the path") from e
@@ -1225,7 +1213,7 @@ def load_stage(path: str, config: dict, device):
 
 
 TORCHRUN_NEEDS_STAGES = ("under torchrun every stage before RL must be cached, so that one process trains them: "
-                         "run the same command once without torchrun and with --steps 0")
+                         "run the same command once without torchrun (and --shard), with --steps 0")
 
 
 def require_single_process(what: str):
@@ -1350,6 +1338,11 @@ def shard(model, device):
     return model
 
 
+def home(a: Args) -> str:
+    """Where whole models are loaded: the CPU under --shard (fully_shard moves each rank's shards to its GPU)."""
+    return "cpu" if a.shard else a.device
+
+
 def frozen(model, a: Args):
     """A model that only runs forwards (teacher, reference): in --dtype (bf16 halves it), no grads, --shard."""
     model = model.to(DTYPES[a.dtype]).requires_grad_(False)
@@ -1404,7 +1397,7 @@ def main(a: Args):
 
 def stages(a: Args, cfg: kepo.KEPOConfig) -> Stages:
     """Stages 1-3 (trained, cached, or --student/--teacher) and the measurements before RL, printed."""
-    data = load_data(a)
+    data = jsonl_data(a) if a.data else toy_data(a)
     if a.student:
         proc, teacher, student = pretrained_stages(a)
         student_src = a.student
@@ -1420,9 +1413,9 @@ def stages(a: Args, cfg: kepo.KEPOConfig) -> Stages:
     print("premises (before RL; a comparison of methods means something only where they hold):")
     target = lambda it: " and ".join(f"{op} {x:.3f}" for op, x in ((">=", it["min"]), ("<=", it["max"]))  # noqa: E731
                                      if x is not None)
-    print_table(["  premise", "value", "target", ""], [[f"  {it['premise']}", it["value"], target(it),
-                                                       "holds" if it["holds"] else "FAILS"]
-                                                      for it in before["premises"]])
+    print("\n".join(md_table(["premise", "value", "target", ""], [[it["premise"], it["value"], target(it),
+                                                                 "holds" if it["holds"] else "FAILS"]
+                                                                for it in before["premises"]])))
     return Stages(proc, teacher, student_src, data, before, master=rank() == 0)
 
 
@@ -1443,7 +1436,7 @@ def run_method(a: Args, cfg: kepo.KEPOConfig, s: Stages) -> dict:
                eval_seconds=time.time() - start, phases=phases, kepo_config=asdict(cfg))
     if s.master:
         write_json(os.path.join(folder, "results.json"), res)
-        remove(os.path.join(folder, "ckpt.pt"))  # finished: student/ holds the result
+        Path(folder, "ckpt.pt").unlink(missing_ok=True)  # finished: student/ holds the result
     return res
 
 
@@ -1455,8 +1448,8 @@ def summarize_seed(a: Args, s: Stages, rows: dict, seconds: float):
     print(f"\ngreedy accuracy on {len(s.data.test)} held-out questions (* = in-distribution; chance from each "
           "question's options):")
     cols = s.data.modalities + ["ID", "OOD"] + [f"q/{q}" for q in s.data.qtypes]
-    print_table([""] + [c + "*" if c == s.data.train_modality else c.removeprefix("q/") for c in cols],
-                [[name] + [res[c] for c in cols] for name, res in rows.items()])
+    print("\n".join(md_table([""] + [c + "*" if c == s.data.train_modality else c.removeprefix("q/") for c in cols],
+                              [[name] + [res[c] for c in cols] for name, res in rows.items()])))
     stages = {name: read_json(os.path.join(path, "stage.json"))["times"] for name, path in stage_paths(a).items()}
     stages["before_rl"] = {"seconds": round(s.before["seconds"], 1)}
     write_json(os.path.join(seed_root(a), "summary.json"), {
@@ -1531,10 +1524,6 @@ def collect(a: Args) -> tuple[dict[str, dict[int, dict]], dict[int, dict]]:
 def mean_std(values: list[float]) -> str:
     values = list(values)
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
-
-
-def md_table(head: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def premises_table(befores: dict[int, dict]) -> list[str]:
