@@ -67,45 +67,42 @@ class Args:
     tau: float = arg(1.0, "quality gate r >= tau, r = accuracy + format in {0, 1, 2}")
     hint_mode: str = arg("adaptive", "adaptive: hints for groups with no correct rollout | always: every group")
     max_new_tokens: int = arg(12, "cap on completion and hint tokens (the toy's longest answer is 9)")
-    # memory
+    # memory and GPUs
     micro_batch: int = arg(0, "rows per forward and backward of an RL step, gradients accumulated exactly (0: all)")
     dtype: str = arg("fp32", "fp32 | bf16: teacher and reference in bf16, the student's RL step under bf16 "
                              "autocast (its weights and optimizer stay fp32)")
     shard: bool = arg(False, "under torchrun: shard student, reference and teacher over the processes with FSDP2 "
                              "(fully_shard) instead of copying the student on each (DDP)")
-    # RL (stage 4)
+    # RL (stage 4), and how often it evaluates, checkpoints and logs
     steps: int = arg(200, "RL steps (0: stop after the stages and the premises table)")
     batch_prompts: int = arg(64, "prompts per RL step (B; split over torchrun processes)")
     lr: float = arg(3e-4, "RL learning rate, the same for every method")
     train_modality: str = arg("mri", "the modality RL trains on; evaluation covers every modality")
-    # questions
+    eval_every: int = arg(25, "RL steps between points of the OOD curve")
+    ckpt_every: int = arg(25, "RL checkpoint interval in steps")
+    log_every: int = arg(10, "RL progress line interval in steps (also printed every 10 s)")
+    # questions: the toy's, or a file's
+    data: str = arg("", "OmniMedVQA-style JSONL: image, question, options, answer, modality, qtype (default: toy)")
     n_train: int = arg(600, "RL training questions")
     n_test: int = arg(200, "held-out questions per modality")
     n_cliff: int = arg(192, "train prompts on which the learning cliff is measured")
     n_eval_curve: int = arg(24, "held-out questions per modality in the OOD curve")
-    # intervals
-    eval_every: int = arg(25, "RL steps between points of the OOD curve")
-    ckpt_every: int = arg(25, "RL checkpoint interval in steps")
-    log_every: int = arg(10, "RL progress line interval in steps (also printed every 10 s)")
-    # supervised stages 1-3
-    teacher_steps: int = arg(4500, "teacher SFT steps")
-    base_steps: int = arg(1000, "base student pretraining steps")
-    warm_steps: int = arg(800, "student warm-up SFT steps")
-    sft_batch: int = arg(64, "SFT batch size")
-    # their learning rates and data
-    teacher_lr: float = arg(1e-3, "teacher SFT learning rate")
-    sft_lr: float = arg(1e-3, "base and warm-up learning rate")
-    n_pool: int = arg(1500, "teacher and base pretraining images per modality")
-    n_warm: int = arg(1000, "warm-up questions")
-    # toy model sizes
-    student_width: int = arg(48, "toy student: hidden size")
-    student_layers: int = arg(2, "toy student: layers of the vision tower and of the text model")
+    # the teacher (stage 1): a checkpoint, or the toy's, trained on n_pool images per modality
+    teacher: str = arg("", "local HF VLM checkpoint of the teacher, same tokenizer as --student (pass both)")
     teacher_width: int = arg(128, "toy teacher: hidden size")
     teacher_layers: int = arg(2, "toy teacher: layers")
-    # beyond the toy
+    teacher_steps: int = arg(4500, "teacher SFT steps")
+    teacher_lr: float = arg(1e-3, "teacher SFT learning rate")
+    n_pool: int = arg(1500, "teacher and base pretraining images per modality")
+    # the student (stages 2-3): a checkpoint, or the toy's, pretrained (base) then warmed up on n_warm questions
     student: str = arg("", "local HF VLM checkpoint (model + processor) to train instead of the toy student")
-    teacher: str = arg("", "local HF VLM checkpoint of the teacher, same tokenizer as --student (pass both)")
-    data: str = arg("", "OmniMedVQA-style JSONL: image, question, options, answer, modality, qtype (default: toy)")
+    student_width: int = arg(48, "toy student: hidden size")
+    student_layers: int = arg(2, "toy student: layers of the vision tower and of the text model")
+    sft_lr: float = arg(1e-3, "base and warm-up learning rate")
+    sft_batch: int = arg(64, "SFT batch size (all three supervised stages)")
+    base_steps: int = arg(1000, "base student pretraining steps")
+    warm_steps: int = arg(800, "student warm-up SFT steps")
+    n_warm: int = arg(1000, "warm-up questions")
 
 
 PRESETS = {  # overrides of Args defaults; a flag given on the command line wins
