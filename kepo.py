@@ -245,10 +245,10 @@ def sharded(model) -> bool:
 
 def on_any_rank(flag: bool, *models) -> bool:
     """`flag` on this rank, or, when one of `models` is sharded, whether it holds on any rank (a collective)."""
-    if not any(sharded(m) for m in models if m is not None):
+    shards = [m for m in models if m is not None and sharded(m)]
+    if not shards:
         return flag
-    device = next(m for m in models if sharded(m)).parameters().__next__().device
-    any_flag = torch.tensor(float(flag), device=device)
+    any_flag = torch.tensor(float(flag), device=next(shards[0].parameters()).device)
     torch.distributed.all_reduce(any_flag, op=torch.distributed.ReduceOp.MAX)
     return bool(any_flag.item())
 
