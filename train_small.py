@@ -128,13 +128,12 @@ def parse_args(argv=None) -> Args:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      usage="train_small.py [flags] (--help lists them)")
     for f in fields(Args):
-        help = f"{f.metadata['help']} (default: {f.default!r})"
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.type == "bool":
-            parser.add_argument("--" + f.name.replace("_", "-"), action="store_true", default=argparse.SUPPRESS,
-                                help=f.metadata["help"])
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help)
         else:
-            parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=argparse.SUPPRESS,
-                                choices=CHOICES.get(f.name), help=help)
+            parser.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS, choices=CHOICES.get(f.name),
+                                help=f"{help} (default: {f.default!r})")
     given = vars(parser.parse_args(argv))
     a = Args(**{**PRESETS[given.get("preset", "default")], **given})
     problem = check_args(a)
@@ -376,13 +375,6 @@ def cliff_mask(model, proc, examples: list[Example], cfg: kepo.KEPOConfig, devic
     return [i in cliff for i in range(len(examples))]
 
 
-def cliff_by_type(examples: list[Example], mask: list[bool], data: Data) -> dict:
-    out = {q: sum(w for e, w in zip(examples, mask) if e.qtype == q) / max(sum(e.qtype == q for e in examples), 1)
-           for q in data.qtypes}
-    out["all"] = sum(mask) / len(mask)
-    return out
-
-
 def describe_accuracy(model, proc, data: Data, cfg: kepo.KEPOConfig, device) -> dict:
     """Per modality: the share of test images whose greedy description names the right organ (the base premise)."""
     texts = completions(model, proc, data.test, [DESCRIBE_PROMPT] * len(data.test), cfg, device,
@@ -439,7 +431,8 @@ def before_rl(a: Args, cfg: kepo.KEPOConfig, proc, teacher, student, data: Data)
     base = base_path(a)
     described = describe_accuracy(load_model(base, a.device, "the base stage"), proc, data, cfg, a.device) \
         if base else None
-    cliff = cliff_by_type(data.cliff, mask, data)
+    by_type = summarize(data.cliff, torch.tensor(mask, dtype=torch.float), data)  # every cliff prompt is ID
+    cliff = {q: by_type[f"q/{q}"] for q in data.qtypes} | {"all": by_type["ID"]}
     before = {"rows": rows, "cliff": cliff, "cliff_mask": mask, "base_describes": described,
               "premises": premises(rows, cliff["all"], described), "seconds": time.time() - start, "key": key}
     write_json(path, before)
