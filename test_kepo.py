@@ -1191,6 +1191,13 @@ def test_sharded_smoke_run_trains_saves_resumes_and_reloads(smoke, tmp_path):
     other = ts.load_model(str(tmp_path / "whole" / "smoke-seed1" / "rl-kepo" / "student"), "cpu", "")
     weights = list(zip(student.state_dict().values(), init.state_dict().values(), other.state_dict().values()))
     assert any(not torch.equal(w, w0) for w, w0, _ in weights) and all(torch.equal(w, w1) for w, _, w1 in weights)
+    # the two ranks' evaluation (each a slice of the questions) is the one process's
+    args = ts.Args(**ts.PRESETS["smoke"], preset="smoke", out=str(killed), device="cpu")
+    data = ts.toy_data(args)
+    here = ts.summarize(data.test, ts.correctness(student, ts.load_processor(str(run / "student"), ""), data.test,
+                                                  ts.kepo_config(args), "cpu"), data)
+    results = json.loads((run / "results.json").read_text())
+    assert {m: here[m] for m in ts.MODALITIES} == {m: results[m] for m in ts.MODALITIES}
 
 
 def test_torchrun_needs_the_stages_cached_by_one_process(tmp_path, monkeypatch):
