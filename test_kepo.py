@@ -782,7 +782,8 @@ def test_memory_benchmark_micro_batches_bound_the_peak():
 @pytest.mark.skipif(not os.environ.get("KEPO_BENCH_OUT"), reason="hint timing: set KEPO_BENCH_OUT=<--out with the "
                     "cpu preset's seed-1 stages> (about 2 min)")
 def test_hint_timing_benchmark_one_call_against_tries_in_turn(monkeypatch):
-    """README "Memory and speed on one GPU": OPD and KEPO with the tries batched or in turn, interleaved step by step."""
+    """README "Memory and speed on one GPU": OPD and KEPO with the tries batched or in turn, interleaved step
+    by step."""
     a = ts.Args(**ts.PRESETS["cpu"], preset="cpu", out=os.environ["KEPO_BENCH_OUT"], device="cpu")
     data, proc, cfg = ts.load_data(a), ts.build_processor(), ts.kepo_config(a)
     teacher = ts.load_model(os.path.join(a.out, "cpu-teacher"), "cpu", "")
@@ -1187,7 +1188,8 @@ def test_sharded_smoke_run_trains_saves_resumes_and_reloads(smoke, tmp_path):
     assert all(m["grad_norm"] > 0 and m["gate_frac"] > 0 for m in rl_metrics(killed))
     settings = json.loads((run / "results.json").read_text())["settings"]
     assert settings["shard"] and settings["world_size"] == 2
-    student, init = (ts.load_model(str(p), "cpu", "") for p in (run / "student", killed / "smoke-seed1" / "student_init"))
+    student, init = (ts.load_model(str(p), "cpu", "") for p in (run / "student",
+                                                                   killed / "smoke-seed1" / "student_init"))
     other = ts.load_model(str(tmp_path / "whole" / "smoke-seed1" / "rl-kepo" / "student"), "cpu", "")
     weights = list(zip(student.state_dict().values(), init.state_dict().values(), other.state_dict().values()))
     assert any(not torch.equal(w, w0) for w, w0, _ in weights) and all(torch.equal(w, w1) for w, _, w1 in weights)
