@@ -456,16 +456,16 @@ def distillation_loss(student_logits: torch.Tensor, teacher, rollouts: Rollouts,
 
     student_logits: [N, T, V] from completion_logits; gate: [N] bool; all_tokens: the
     `gated_tokens` of the whole step, so micro-batches and ranks add up to one token mean
-    over the global batch. An empty gate is an exact, differentiable 0 and costs no teacher forward.
+    over the global batch. An empty gate is an exact, differentiable 0 and costs no teacher forward
+    (when sharded: unless another rank gates rows, then this rank runs a stand-in row).
     """
     rows = gate.nonzero().squeeze(1)
-    if rows.numel() == 0:
-        if sharded(teacher):  # a stand-in forward: the other ranks' teacher forwards need this rank's (see `sharded`)
-            with torch.no_grad():
-                completion_logits(teacher, rollouts.select([0]), suppress)
+    if not on_any_rank(rows.numel() > 0, teacher):  # nothing gated (on any rank, when sharded): no teacher forward
         return student_logits.sum() * 0.0
-    with torch.no_grad():
-        teacher_logits = completion_logits(teacher, rollouts.select(rows), suppress)
+    with torch.no_grad():  # a rank with nothing gated runs a stand-in row for a sharded teacher (see `sharded`)
+        teacher_logits = completion_logits(teacher, rollouts.select(rows if rows.numel() else [0]), suppress)
+    if rows.numel() == 0:
+        return student_logits.sum() * 0.0
     mask = rollouts.completion_mask[rows]
     jsd = generalized_jsd(student_logits[rows], teacher_logits, mask, cfg.beta_jsd, cfg.jsd_temperature)
     # DDP and FSDP average gradients over ranks, hence the factor world_size: the average of the ranks'
@@ -673,7 +673,8 @@ def kepo_backward(student, teacher, rollouts: Rollouts, rewards: torch.Tensor, m
     ddp = isinstance(student, torch.nn.parallel.DistributedDataParallel)
     for k, rows in enumerate(chunks):
         last = k == len(chunks) - 1
-        with nullcontext() if last or not ddp else student.no_sync():  # DDP all-reduces after the last chunk
+        # DDP all-reduces after the last chunk; FSDP reduce-scatters each chunk's gradients into the shards
+        with nullcontext() if last or not ddp else student.no_sync():
             loss, parts = micro_batch_loss(student, teacher, rollouts.select(rows), advantages[rows], gate[rows],
                                            method, cfg, len(rewards), all_tokens, ref_model, suppress)
             loss.backward()
