@@ -4,6 +4,7 @@ import datetime
 import json
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -785,7 +786,7 @@ def test_hint_timing_benchmark_one_call_against_tries_in_turn(monkeypatch):
     """README "Memory and speed on one GPU": OPD and KEPO with the tries batched or in turn, interleaved step
     by step."""
     a = ts.Args(**ts.PRESETS["cpu"], preset="cpu", out=os.environ["KEPO_BENCH_OUT"], device="cpu")
-    data, proc, cfg = ts.load_data(a), ts.build_processor(), ts.kepo_config(a)
+    data, proc, cfg = ts.toy_data(a), ts.build_processor(), ts.kepo_config(a)
     teacher = ts.load_model(os.path.join(a.out, "cpu-teacher"), "cpu", "")
     variants = {"opd": ("opd", 1), "kepo, one try per call": ("kepo", 1), "kepo, all tries in one call": ("kepo", 5)}
     runs = {}
@@ -793,7 +794,7 @@ def test_hint_timing_benchmark_one_call_against_tries_in_turn(monkeypatch):
         model = ts.load_model(os.path.join(ts.seed_root(a), "student_init"), "cpu", "")
         runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0), [])
     for step in range(1, 31):
-        exs = ts.rl_batch(a, data.train, step)
+        exs = random.Random(f"{a.seed}-rl-{step}").sample(data.train, a.batch_prompts)
         for name, (method, per_call) in variants.items():
             model, opt, rows = runs[name]
             monkeypatch.setattr(kepo, "tries_per_call", lambda device, attempts, n=per_call: n)
@@ -1078,13 +1079,13 @@ def test_interrupted_supervised_stage_continues_to_the_same_weights(tmp_path, mo
     config, partial = {"steps": 6, "batch": 4, "lr": 1e-3}, str(tmp_path / "stage.partial.pt")
 
     def train(stop_at=None):
-        draw, calls = ts.teacher_batch(pool), []
+        calls = []
 
         def draw_batch(rng, n):
             calls.append(1)
             if len(calls) == stop_at:
                 raise KeyboardInterrupt
-            return draw(rng, n)
+            return ts.teacher_batch(rng, n, pool)
         torch.manual_seed(0)
         model = ts.build_vlm(proc.tokenizer, 16, 1)
         ts.sft(model, proc, draw_batch, config, "cpu", "stage", 0, partial)
@@ -1111,19 +1112,21 @@ def test_readme_usage_snippet_runs(smoke, tmp_path):
     assert proc.stdout.strip()  # the student's answer
 
 
-def test_corrupt_stage_names_itself(smoke, tmp_path):
+def test_corrupt_or_mismatched_cached_stage_names_itself(smoke, tmp_path):
     out, _ = smoke
     stage = tmp_path / "teacher"
     shutil.copytree(out / "smoke-teacher", stage)
     (stage / "model.safetensors").write_bytes(b"not a model")
+    config, a = json.loads((stage / "stage.json").read_text())["config"], ts.Args(device="cpu")
     with pytest.raises(ts.UserError, match=f"cached stage {stage} cannot be loaded"):
-        ts.load_stage(str(stage), json.loads((stage / "stage.json").read_text())["config"], "cpu")
-    assert ts.load_stage(str(tmp_path / "missing"), {}, "cpu") is None
+        ts.sft_stage(a, str(stage), config, None, None, None, 0, "")
+    with pytest.raises(ts.UserError, match=f"cached stage {stage} was built with"):  # other settings: never reused
+        ts.sft_stage(a, str(stage), config | {"steps": 1}, None, None, None, 0, "")
 
 
 def test_variants_map_to_distinct_run_folders():
     variants = [dict(method=m) for m in ts.METHODS] + [dict(tau=0.0), dict(tau=2.0), dict(hint_mode="always")]
-    assert [ts.run_name(replace(ts.Args(), **v)) for v in variants] == ["rl-" + v for v in ts.REPORT_ORDER]
+    assert [ts.run_name(replace(ts.Args(), **v)) for v in variants] == ts.REPORT_ORDER[3:]
 
 
 def test_report_aggregates_the_smoke_run(smoke):

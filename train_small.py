@@ -9,18 +9,16 @@
     torchrun --nproc_per_node 4 train_small.py ...   # one process per GPU (DDP), after a --steps 0 run
     torchrun --nproc_per_node 8 train_small.py --shard ...   # models sharded over the GPUs (FSDP2)
 
-Stages, each cached under --out: 1. teacher SFT on every modality, also writing a hint from
-the answer; 2. base student pretrained to describe images of every modality (the stand-in for
-a pretrained VLM); 3. warm-up SFT on a small train-modality set, then the premises table;
-4. RL on the train modality with kepo.kepo_step; 5. greedy evaluation on every modality,
-chance beside it. The file reads: config, the RL loop, evaluation, the supervised stages,
-models and prompts, the toy data, JSONL data, infrastructure, one seed's run, the report, the CLI.
+Stages, each cached under --out: 1. teacher SFT on every modality, also writing a hint from the answer; 2. base
+student pretrained to describe images of every modality (the stand-in for a pretrained VLM); 3. warm-up SFT on a small
+train-modality set, then the premises table; 4. RL on the train modality with kepo.kepo_step; 5. greedy evaluation on
+every modality, chance beside it. The file reads: config, the RL loop, evaluation, the supervised stages, models and
+prompts, the toy data, JSONL data, infrastructure, one seed's run, the report, the CLI.
 
-Simplified on purpose: tiny LLaVA-style models built from configs (random init, a word-level
-tokenizer built in code), 48x48 images drawn with pillow in 8 synthetic "modalities" that share
-anatomy and findings but differ in look, and multiple-choice questions listed as
-`options ct a , mri b , ...` (the letter after the option text makes the lookup an induction
-copy that a 2-layer model learns). The RL step is kepo.kepo_step, as a real trainer calls it.
+Simplified on purpose: tiny LLaVA-style models built from configs (random init, a word-level tokenizer built in code),
+48x48 images drawn with pillow in 8 synthetic "modalities" that share anatomy and findings but differ in look, and
+multiple-choice questions listed as `options ct a , mri b , ...` (the letter after the option text makes the lookup an
+induction copy that a 2-layer model learns). The RL step is kepo.kepo_step, as a real trainer calls it.
 """
 from __future__ import annotations
 
@@ -40,6 +38,7 @@ import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 
 
@@ -117,9 +116,7 @@ PRESETS = {  # overrides of Args defaults; a flag given on the command line wins
 }
 METHODS = ["grpo", "opd", "kdpo", "kepo"]  # kepo.METHODS, in the order tables list them
 CHOICES = {"preset": list(PRESETS), "method": METHODS, "hint_mode": ["adaptive", "always"], "dtype": ["fp32", "bf16"]}
-POSITIVE = ["group_size", "batch_prompts", "max_new_tokens", "n_train", "n_test", "n_cliff", "eval_every",
-            "n_eval_curve", "ckpt_every", "log_every", "teacher_steps", "base_steps", "warm_steps", "sft_batch",
-            "n_pool", "n_warm", "student_width", "student_layers", "teacher_width", "teacher_layers"]
+POSITIVE = [f.name for f in fields(Args) if f.type == "int" and f.name not in ("seed", "steps", "micro_batch")]
 MAX_REWARD = 2  # r = accuracy + format
 
 
@@ -155,15 +152,13 @@ def check_args(a: Args) -> str | None:
         (a.n_cliff <= a.n_train, f"--n-cliff {a.n_cliff} must be <= --n-train {a.n_train}"),
         (bool(a.student) == bool(a.teacher), "--student and --teacher go together (every method but grpo needs "
                                              "the teacher, and the table compares with it)"),
-        (not a.shard or int(os.environ.get("WORLD_SIZE", "1")) > 1, "--shard needs torchrun with 2 or more "
-                                                                     "processes"),
-        (a.device == "auto" or a.device == "cpu" or a.device.split(":")[0] == "cuda", f"--device {a.device}: "
-                                                                                     "auto, cpu, cuda or cuda:N"),
-    ]
-    checks += [(not path or os.path.isfile(os.path.join(path, "config.json")),
-                f"--{flag} {path}: not a checkpoint folder (no config.json)")
-               for flag, path in (("student", a.student), ("teacher", a.teacher))]
-    checks.append((not a.data or os.path.isfile(a.data), f"--data {a.data}: no such file"))
+        (not a.shard or int(os.environ.get("WORLD_SIZE", "1")) > 1, "--shard needs torchrun with 2 or more processes"),
+        (a.device in ("auto", "cpu") or a.device.split(":")[0] == "cuda", f"--device {a.device}: auto, cpu, cuda or "
+                                                                           "cuda:N"),
+        (not a.data or os.path.isfile(a.data), f"--data {a.data}: no such file"),
+    ] + [(not path or os.path.isfile(os.path.join(path, "config.json")),
+          f"--{flag} {path}: not a checkpoint folder (no config.json)") for flag, path in (("student", a.student),
+                                                                                           ("teacher", a.teacher))]
     return next((why for ok, why in checks if not ok), None)
 
 
@@ -220,9 +215,7 @@ PROGRESS_SECONDS = 10  # a progress line at least this often, in every stage
 
 def rl(a: Args, cfg: kepo.KEPOConfig, s: Stages, run_dir: str, settings: dict):
     """RL from the warm student with kepo.kepo_step; returns the trained student. Metrics go to metrics.jsonl.
-
-    Under torchrun every rank takes its slice of each step's prompts; rank 0 writes.
-    """
+    Under torchrun every rank takes its slice of each step's prompts; rank 0 writes."""
     world = kepo.world_size()
     ref = frozen(load_model(s.student_src, home(a), "the warm student", DTYPES[a.dtype]), a)  # for the kl metric
     student, opt, start = rl_start(a, run_dir, s.student_src)
@@ -231,7 +224,8 @@ def rl(a: Args, cfg: kepo.KEPOConfig, s: Stages, run_dir: str, settings: dict):
     model = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True) if ddp else student
     log = Progress(run_dir, start, a, s.master)
     for step in range(start + 1, a.steps + 1):
-        exs = rl_batch(a, s.data.train, step)[rank()::world]
+        # the step's prompts are a function of (seed, step) alone, so a resumed run sees the same ones
+        exs = random.Random(f"{a.seed}-rl-{step}").sample(s.data.train, a.batch_prompts)[rank()::world]
         with torch.autocast(torch.device(a.device).type, torch.bfloat16, enabled=a.dtype == "bf16"):
             m = kepo.kepo_step(model, opt, s.proc.tokenizer, student_prompts(s.proc, exs, a.device),
                                [e.answer for e in exs], cfg, a.method, teacher=s.teacher, ref_model=ref,
@@ -250,11 +244,6 @@ def rl(a: Args, cfg: kepo.KEPOConfig, s: Stages, run_dir: str, settings: dict):
         save_atomically(os.path.join(run_dir, "student"), lambda d: (student.save_pretrained(d, state_dict=weights),
                                                                       s.proc.save_pretrained(d)))
     return student
-
-
-def rl_batch(a: Args, train: list[Example], step: int) -> list[Example]:
-    """The step's prompts: a function of (seed, step) alone, so a resumed run sees the same ones."""
-    return random.Random(f"{a.seed}-rl-{step}").sample(train, a.batch_prompts)
 
 
 def student_prompts(proc, exs: list[Example], device) -> kepo.PromptBatch:
@@ -296,12 +285,10 @@ class Progress:
     """metrics.jsonl (rank 0) and a progress line every log_every steps or PROGRESS_SECONDS, with steps/s and ETA."""
 
     def __init__(self, run_dir: str, start: int, a: Args, master: bool):
-        self.path, self.start, self.a, self.master = os.path.join(run_dir, "metrics.jsonl"), start, a, master
+        self.path, self.start, self.a, self.master = Path(run_dir, "metrics.jsonl"), start, a, master
         self.t0 = self.shown = time.time()
         if master:  # drop lines logged after the checkpoint we resume from
-            kept = [m for m in read_metrics(run_dir) if m["step"] <= start] if start else []
-            with open(self.path, "w") as f:
-                f.writelines(json.dumps(m) + "\n" for m in kept)
+            self.path.write_text("".join(json.dumps(m) + "\n" for m in read_metrics(run_dir) if m["step"] <= start))
 
     def step(self, m: dict):
         if self.master:
@@ -325,11 +312,8 @@ EVAL_BATCH = 256  # rows per generate call in evaluation
 @torch.no_grad()
 def completions(model, proc, examples: list[Example], texts: list[str], cfg: kepo.KEPOConfig, device, group_size=1,
                 temperature=0.0, max_new_tokens=0) -> list[str]:
-    """len(examples) * group_size completions of the prompts `texts`, in batches of about EVAL_BATCH rows.
-
-    Under torchrun every rank completes an equal slice (a sharded model needs every rank in each
-    call) and every rank gets the whole list.
-    """
+    """len(examples) * group_size completions of the prompts `texts`, in batches of about EVAL_BATCH rows. Under
+    torchrun every rank completes an equal slice (a sharded model needs every rank in each call) and gets them all."""
     world, n, out, step = kepo.world_size(), len(examples) * group_size, [], max(EVAL_BATCH // group_size, 1)
     share = -(-len(examples) // world)
     pad, mine = share * world - len(examples), slice(rank() * share, (rank() + 1) * share)
@@ -410,6 +394,10 @@ def premises(rows: dict, cliff: float, described: dict | None) -> list[dict]:
              "holds": (lo is None or v >= lo) and (hi is None or v <= hi)} for n, v, lo, hi in items]
 
 
+def target(premise: dict) -> str:
+    return " and ".join(f"{op} {x:.2f}" for op, x in ((">=", premise["min"]), ("<=", premise["max"])) if x is not None)
+
+
 def before_rl(a: Args, cfg: kepo.KEPOConfig, proc, teacher, student, data: Data) -> dict:
     """Chance, teacher and warm-student accuracy, the learning cliff, the base student's descriptions and the
     premises they make, before RL; cached in the seed's folder, keyed by what produced them."""
@@ -428,7 +416,7 @@ def before_rl(a: Args, cfg: kepo.KEPOConfig, proc, teacher, student, data: Data)
     rows = {"chance": summarize(data.test, chance(data.test), data),
             "teacher": summarize(data.test, correctness(teacher, proc, data.test, cfg, a.device), data),
             "student (before RL)": summarize(data.test, correctness(student, proc, data.test, cfg, a.device), data)}
-    base = base_path(a)
+    base = stage_paths(a).get("base")
     described = describe_accuracy(load_model(base, a.device, "the base stage"), proc, data, cfg, a.device) \
         if base else None
     by_type = summarize(data.cliff, torch.tensor(mask, dtype=torch.float), data)  # every cliff prompt is ID
@@ -459,32 +447,30 @@ PRETRAIN_SEED = 0  # teacher and base student stand for released checkpoints: tr
 def teacher_stage(a: Args, proc, data: Data):
     """Stage 1: the teacher, a stand-in for a large VLM that knows the task on every modality."""
     config = stage_config(a, data, (a.teacher_width, a.teacher_layers), a.teacher_steps, a.teacher_lr)
-    return sft_stage(a, os.path.join(a.out, f"{tag(a)}-teacher"), config, proc,
-                     lambda: build_vlm(proc.tokenizer, a.teacher_width, a.teacher_layers), teacher_batch(data.pool),
-                     PRETRAIN_SEED, "stage 1: teacher SFT on every modality, also writing hints (shared by every seed)")
+    return sft_stage(a, stage_paths(a)["teacher"], config, proc,
+                     lambda: build_vlm(proc.tokenizer, a.teacher_width, a.teacher_layers),
+                     partial(teacher_batch, pool=data.pool), PRETRAIN_SEED,
+                     "stage 1: teacher SFT on every modality, also writing hints (shared by every seed)")
 
 
 def base_stage(a: Args, proc, data: Data):
     """Stage 2: the base student, a stand-in for a pretrained VLM: it describes images of every modality.
-
-    JSONL data has no descriptions: then there is no base stage (None).
-    """
-    if not base_path(a):
+    Returns its config, or None without a base stage (JSONL data has no descriptions)."""
+    path = stage_paths(a).get("base")
+    if not path:
         return None
     config = stage_config(a, data, (a.student_width, a.student_layers), a.base_steps, a.sft_lr)
-    sft_stage(a, base_path(a), config, proc, lambda: build_vlm(proc.tokenizer, a.student_width, a.student_layers),
-              describe_batch(data.pool), PRETRAIN_SEED,
+    sft_stage(a, path, config, proc, lambda: build_vlm(proc.tokenizer, a.student_width, a.student_layers),
+              partial(describe_batch, pool=data.pool), PRETRAIN_SEED,
               "stage 2: base student pretraining, describing images of every modality (shared by every seed)")
-    return read_json(os.path.join(base_path(a), "stage.json"))["config"]
+    return read_json(os.path.join(path, "stage.json"))["config"]
 
 
 def student_stage(a: Args, proc, data: Data, base: dict | None):
-    """Stage 3: warm-up SFT of the base student on train-modality questions (per seed).
-
-    The base's vision tower is frozen: warm-up teaches the answer format and the option lookup
-    without retuning perception to the train modality alone, and half of every batch replays
-    the base's describe task on every modality, so that what the base perceives is not forgotten.
-    """
+    """Stage 3: warm-up SFT of the base student on train-modality questions (per seed). The base's vision tower is
+    frozen: warm-up teaches the answer format and the option lookup without retuning perception to the train
+    modality alone, and half of every batch replays the base's describe task on every modality, so that what the
+    base perceives is not forgotten."""
     config = stage_config(a, data, (a.student_width, a.student_layers), a.warm_steps, a.sft_lr) | {
         "n_warm": a.n_warm, "modality": data.train_modality, "base": base or "",
         "frozen": "vision_tower" if base else "", "replay": REPLAY_SHARE if base else 0.0}
@@ -492,11 +478,11 @@ def student_stage(a: Args, proc, data: Data, base: dict | None):
     def init():
         if not base:
             return build_vlm(proc.tokenizer, a.student_width, a.student_layers)
-        model = load_model(base_path(a), "cpu", "the base stage")
+        model = load_model(stage_paths(a)["base"], "cpu", "the base stage")
         model.model.vision_tower.requires_grad_(False)  # perception stays pretrained, as in LLaVA instruction tuning
         return model
-    batches = warmup_batch(data.warm, data.pool if base else [])
-    return sft_stage(a, os.path.join(seed_root(a), "student_init"), config, proc, init, batches, a.seed + 1,
+    batches = partial(warmup_batch, warm_set=data.warm, pool=data.pool if base else [])
+    return sft_stage(a, stage_paths(a)["warm-up"], config, proc, init, batches, a.seed + 1,
                      f"stage 3: student warm-up SFT on {len(data.warm)} {data.train_modality} questions")
 
 
@@ -508,9 +494,11 @@ def stage_config(a: Args, data: Data, size: tuple, steps: int, lr: float) -> dic
 
 def sft_stage(a: Args, path: str, config: dict, proc, init, draw_batch, seed: int, title: str):
     """A cached supervised stage: the model in `path` if it finished with `config`, else init() trained and saved."""
-    cached = load_stage(path, config, home(a))
-    if cached is not None:
-        return cached
+    if os.path.exists(os.path.join(path, "stage.json")):
+        saved = read_json(os.path.join(path, "stage.json"))["config"]
+        if saved != as_json(config):
+            raise UserError(f"cached stage {path} was built with {saved}, not {config}; use another --out or delete it")
+        return load_model(path, home(a), "cached stage")
     require_single_process(path)
     print(f"{title} ({config['steps']} steps x {config['batch']})")
     torch.manual_seed(seed)
@@ -522,15 +510,13 @@ def sft_stage(a: Args, path: str, config: dict, proc, init, draw_batch, seed: in
     return model
 
 
-def sft(model, proc, draw_batch, config: dict, device, name: str, seed: int, partial: str) -> dict:
-    """AdamW on batches (examples, prompts, targets) = draw_batch(rng, batch), cross-entropy on targets only.
-
-    Saves its state to `partial` every SFT_SAVE_SECONDS and continues from it when rerun.
-    Returns the wall time and the share of it spent preparing batches (drawing, tokenizing, moving).
-    """
+def sft(model, proc, draw_batch, config: dict, device, name: str, seed: int, state_path: str) -> dict:
+    """AdamW on batches (examples, prompts, targets) = draw_batch(rng, batch), cross-entropy on targets only. Saves
+    its state to `state_path` every SFT_SAVE_SECONDS and continues from it when rerun. Returns the wall time and the
+    share of it spent preparing batches (drawing, tokenizing, moving)."""
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=0.0)
     rng = random.Random(f"sft-{name}-{seed}")
-    clock = resume_sft(partial, config, model, opt, rng)
+    clock = resume_sft(state_path, config, model, opt, rng)
     steps, start, saved, shown = config["steps"], time.time() - clock["seconds"], time.time(), time.time()
     for step in range(clock["step"] + 1, steps + 1):
         t = time.perf_counter()
@@ -548,7 +534,7 @@ def sft(model, proc, draw_batch, config: dict, device, name: str, seed: int, par
         opt.step()
         clock.update(step=step, seconds=time.time() - start)
         if time.time() - saved > SFT_SAVE_SECONDS and step < steps:
-            saved = save_state(partial, model, opt, config=config, rng=rng.getstate(), clock=clock)
+            saved = save_state(state_path, model, opt, config=config, rng=rng.getstate(), clock=clock)
         if time.time() - shown > PROGRESS_SECONDS or step == steps:
             shown, rate = time.time(), step / clock["seconds"]
             print(f"  [{name}] step {step}/{steps} loss {loss.item():.3f} | {rate:.1f} steps/s "
@@ -556,13 +542,13 @@ def sft(model, proc, draw_batch, config: dict, device, name: str, seed: int, par
     return {"seconds": round(clock["seconds"], 1), "data_share": round(clock["data"] / clock["seconds"], 4)}
 
 
-def resume_sft(partial: str, config: dict, model, opt, rng: random.Random) -> dict:
+def resume_sft(state_path: str, config: dict, model, opt, rng: random.Random) -> dict:
     """The clock (step, seconds, data seconds) of the stage's saved state, loaded into model, opt and rng."""
     fresh = {"step": 0, "seconds": 0.0, "data": 0.0}
-    if not os.path.exists(partial):
+    if not os.path.exists(state_path):
         return fresh
-    state = load_state(partial, model, opt, config=config)
-    print(f"  {partial}: " + ("saved with other settings, starting over" if state is None else
+    state = load_state(state_path, model, opt, config=config)
+    print(f"  {state_path}: " + ("saved with other settings, starting over" if state is None else
                               f"continuing at step {state['clock']['step']}"))
     if state is None:
         return fresh
@@ -571,37 +557,29 @@ def resume_sft(partial: str, config: dict, model, opt, rng: random.Random) -> di
     return state["clock"]
 
 
-def teacher_batch(pool: list[Example]):
+def teacher_batch(rng: random.Random, n: int, pool: list[Example]):
     """Teacher data, every modality: fresh questions about bank images (or the JSONL pool's); some write a hint."""
-    def draw_batch(rng, n):
-        exs = [rng.choice(pool) for _ in range(n)]
-        exs = [any_question(rng, e) if e.case else e for e in exs]
-        hint = [rng.random() < HINT_SHARE for _ in exs]
-        return (exs, [hint_request_text(e) if h else prompt_text(e) for e, h in zip(exs, hint)],
-                [hint_text(e) if h else answer_text(e) for e, h in zip(exs, hint)])
-    return draw_batch
+    exs = [rng.choice(pool) for _ in range(n)]
+    exs = [any_question(rng, e) if e.case else e for e in exs]
+    hint = [rng.random() < HINT_SHARE for _ in exs]
+    return (exs, [hint_request_text(e) if h else prompt_text(e) for e, h in zip(exs, hint)],
+            [hint_text(e) if h else answer_text(e) for e, h in zip(exs, hint)])
 
 
-def describe_batch(pool: list[Example]):
+def describe_batch(rng: random.Random, n: int, pool: list[Example]):
     """Base-student data, every modality: describe the image in words (no question, no options)."""
-    def draw_batch(rng, n):
-        exs = [rng.choice(pool) for _ in range(n)]
-        return exs, [DESCRIBE_PROMPT] * n, [describe_text(e.case) for e in exs]
-    return draw_batch
+    exs = [rng.choice(pool) for _ in range(n)]
+    return exs, [DESCRIBE_PROMPT] * n, [describe_text(e.case) for e in exs]
 
 
-def warmup_batch(warm_set: list[Example], pool: list[Example]):
+def warmup_batch(rng: random.Random, n: int, warm_set: list[Example], pool: list[Example]):
     """Student warm-up: train-modality questions, some with the (correct) hint so that hints are usable, mixed
     with the base's describe task on every modality (replay, when there is a base) so perception is not forgotten."""
-    describe = describe_batch(pool)
-
-    def draw_batch(rng, n):
-        n_replay = int(n * REPLAY_SHARE) if pool else 0
-        exs = [rng.choice(warm_set) for _ in range(n - n_replay)]
-        prompts = [hinted_text(e, e.evidence) if rng.random() < HINTED_SHARE else prompt_text(e) for e in exs]
-        replay = describe(rng, n_replay)
-        return exs + replay[0], prompts + replay[1], [answer_text(e) for e in exs] + replay[2]
-    return draw_batch
+    n_replay = int(n * REPLAY_SHARE) if pool else 0
+    exs = [rng.choice(warm_set) for _ in range(n - n_replay)]
+    prompts = [hinted_text(e, e.evidence) if rng.random() < HINTED_SHARE else prompt_text(e) for e in exs]
+    replay = describe_batch(rng, n_replay, pool)
+    return exs + replay[0], prompts + replay[1], [answer_text(e) for e in exs] + replay[2]
 
 
 def pretrained_stages(a: Args):
@@ -743,11 +721,9 @@ def token_ids(tok, texts: list[str]) -> list[list[int]]:
 
 def encode(proc, examples: list[Example], texts: list[str], device, targets: list[str] = ()) -> kepo.PromptBatch:
     """Prompts (plus SFT targets after them) with their images; every processor output but the text is vision.
-
-    Bank images (the toy) skip the image processor: their text is expanded to IMAGE_TOKENS
-    image tokens as LlavaProcessor does, and their pixels are normalised as SiglipImageProcessor
-    does (a test checks both against the processor), which keeps data preparation cheap.
-    """
+    Bank images (the toy) skip the image processor: their text is expanded to IMAGE_TOKENS image tokens as
+    LlavaProcessor does, and their pixels are normalised as SiglipImageProcessor does (a test checks both against
+    the processor), which keeps data preparation cheap."""
     full = [user_turn(proc, t) + (f" {targets[i]}" if targets else "") for i, t in enumerate(texts)]
     if all(e.pixels is not None for e in examples):
         ids = token_ids(proc.tokenizer, [t.replace(proc.image_token, proc.image_token * IMAGE_TOKENS) for t in full])
@@ -756,7 +732,8 @@ def encode(proc, examples: list[Example], texts: list[str], device, targets: lis
                "attention_mask": torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids]),
                "pixel_values": (torch.stack([e.pixels for e in examples]).float() * (1 / 255) - PIXEL_MEAN) / PIXEL_STD}
     else:
-        enc = proc(text=full, images=[image_of(e) for e in examples], return_tensors="pt", padding=True)
+        images = [Image.open(e.image).convert("RGB") if e.image else draw(e.case) for e in examples]
+        enc = proc(text=full, images=images, return_tensors="pt", padding=True)
     vision = {k: v.to(device) for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
     return kepo.PromptBatch(enc["input_ids"].to(device), enc["attention_mask"].to(device), vision)
 
@@ -765,7 +742,13 @@ def encode(proc, examples: list[Example], texts: list[str], device, targets: lis
 # Toy medical VQA: cases, images, questions, and the splits of a run
 # ---------------------------------------------------------------------------------------
 MODALITIES = ["ct", "dermoscopy", "fundus", "mri", "microscopy", "oct", "ultrasound", "xray"]
-ORGANS = ["brain", "lung", "liver", "heart"]
+ORGAN_SHAPES = {  # organ -> the ImageDraw calls that draw it (pixel coordinates)
+    "brain": [("ellipse", (7, 6, 41, 42))],
+    "lung": [("ellipse", (5, 6, 23, 43)), ("ellipse", (25, 6, 43, 43))],
+    "liver": [("polygon", [(4, 7), (44, 7), (37, 42), (11, 42)])],
+    "heart": [("polygon", [(24, 3), (45, 24), (24, 45), (3, 24)])],
+}
+ORGANS = list(ORGAN_SHAPES)
 FINDINGS = ["normal", "tumor", "cyst", "bleed"]
 GRADES = {"small": 3, "medium": 5, "large": 7}  # lesion radius in pixels
 CYST_WALL = 2  # pixels: a cyst is a ring, a tumor a filled disc
@@ -818,13 +801,9 @@ class Example:
     options: tuple
     answer: str  # lower-case letter
     evidence: str  # e.g. "size large": what the think block states and what a hint says
+    modality: str
     image: str = ""  # image file (JSONL data); empty for toy cases, which are drawn
-    modality: str = ""
     pixels: torch.Tensor | None = field(default=None, compare=False, repr=False)  # [3, H, W] uint8, from the bank
-
-    def __post_init__(self):
-        if self.case is not None:
-            object.__setattr__(self, "modality", self.case.modality)
 
     @property
     def truth(self) -> str:
@@ -857,18 +836,6 @@ def draw_field(d: ImageDraw.ImageDraw, style: str, bg: tuple, rng: random.Random
             d.arc((4, y - 6, s - 5, y + 10), 200, 340, fill=(150, 150, 150), width=2)
 
 
-def draw_organ(d: ImageDraw.ImageDraw, organ: str, color: tuple):
-    if organ == "brain":
-        d.ellipse((7, 6, 41, 42), fill=color)
-    elif organ == "lung":
-        d.ellipse((5, 6, 23, 43), fill=color)
-        d.ellipse((25, 6, 43, 43), fill=color)
-    elif organ == "liver":
-        d.polygon([(4, 7), (44, 7), (37, 42), (11, 42)], fill=color)
-    else:
-        d.polygon([(24, 3), (45, 24), (24, 45), (3, 24)], fill=color)
-
-
 def draw_lesion(d: ImageDraw.ImageDraw, finding: str, center: tuple, r: int, color: tuple):
     x, y = center
     box = (x - r, y - r, x + r, y + r)
@@ -887,7 +854,8 @@ def draw(case: Case) -> Image.Image:
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), bg)
     d = ImageDraw.Draw(img)
     draw_field(d, style, bg, rng)
-    draw_organ(d, case.organ, organ_color)
+    for shape, xy in ORGAN_SHAPES[case.organ]:
+        getattr(d, shape)(xy, fill=organ_color)
     for slot in case.slots:
         draw_lesion(d, case.finding, slot, GRADES[case.grade], lesion_color)
     img = img.filter(ImageFilter.GaussianBlur(BLUR_RADIUS))
@@ -921,14 +889,8 @@ def ask(rng: random.Random, case: Case, qtype: str, attribute: str | None) -> Ex
     }[qtype]
     rng.shuffle(choices)
     question = QUESTIONS[qtype] or ATTRIBUTE_QUESTIONS[attribute]
-    return Example(case, qtype, question, tuple(choices), LETTERS[choices.index(truth)], f"{key} {truth}")
-
-
-def make_example(rng: random.Random, modality: str) -> Example:
-    """One question, its type drawn uniformly from the five, and a new case that it fits."""
-    qtype = rng.choice(list(QUESTIONS))
-    attribute = rng.choice(list(ATTRIBUTE_QUESTIONS)) if qtype == "attribute" else None
-    return ask(rng, make_case(rng, modality, qtype, attribute), qtype, attribute)
+    return Example(case, qtype, question, tuple(choices), LETTERS[choices.index(truth)], f"{key} {truth}",
+                   case.modality)
 
 
 def any_question(rng: random.Random, ex: Example) -> Example:
@@ -950,17 +912,20 @@ def describe_text(case: Case) -> str:
 
 
 def make_split(seed: int, name: str, modality: str, n: int) -> list[Example]:
-    """A fixed split: the same (seed, name, modality) always gives the same questions."""
-    rng = random.Random(f"{seed}-{name}-{modality}")
-    return [make_example(rng, modality) for _ in range(n)]
+    """A fixed split, the same for the same (seed, name, modality): each question's type is drawn uniformly from
+    the five, and a new case that fits it."""
+    rng, split = random.Random(f"{seed}-{name}-{modality}"), []
+    for _ in range(n):
+        qtype = rng.choice(list(QUESTIONS))
+        attribute = rng.choice(list(ATTRIBUTE_QUESTIONS)) if qtype == "attribute" else None
+        split.append(ask(rng, make_case(rng, modality, qtype, attribute), qtype, attribute))
+    return split
 
 
 def with_pixels(examples: list[Example], path: str) -> list[Example]:
-    """The examples with their images as uint8 tensors, drawn once and cached in `path` (a bank file).
-
-    Drawing and preprocessing every batch would bound the supervised stages on CPU; the bank
-    is checked against the cases' seeds, so a stale file is redrawn, never misused.
-    """
+    """The examples with their images as uint8 tensors, drawn once and cached in `path` (a bank file). Drawing and
+    preprocessing every batch would bound the supervised stages on CPU; the bank is checked against the cases'
+    seeds, so a stale file is redrawn, never misused."""
     seeds = [e.case.seed for e in examples]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     bank = torch.load(path, weights_only=True) if os.path.exists(path) else None
@@ -973,15 +938,6 @@ def with_pixels(examples: list[Example], path: str) -> list[Example]:
         torch.save(bank, tmp)
         os.replace(tmp, path)
     return [replace(e, pixels=p) for e, p in zip(examples, bank["pixels"])]
-
-
-def image_of(ex: Example) -> Image.Image:
-    if not ex.image:
-        return draw(ex.case)
-    try:
-        return Image.open(ex.image).convert("RGB")
-    except Exception as e:  # e.g. truncated data behind a valid header
-        raise ValueError(f"image {ex.image} cannot be decoded ({type(e).__name__}: {e})") from e
 
 
 @dataclass
@@ -1047,8 +1003,7 @@ def parse_record(line: str, folder: str) -> Example:
         raise ValueError(f"answer {rec['answer']!r} is not one of the letters of the {len(options)} options")
     path = os.path.join(folder, rec["image"])
     truth = options[string.ascii_lowercase.index(answer)]
-    return Example(None, rec["qtype"], rec["question"], tuple(options), answer, truth, image=path,
-                   modality=rec["modality"])
+    return Example(None, rec["qtype"], rec["question"], tuple(options), answer, truth, rec["modality"], path)
 
 
 def image_error(path: str) -> str | None:
@@ -1086,11 +1041,9 @@ def load_jsonl(path: str) -> list[Example]:
 
 
 def jsonl_data(a: Args) -> Data:
-    """Per modality, a shuffle keyed by the file holds out min(n_test, 20%) questions for evaluation; the rest trains.
-
-    The split depends on the file alone, not on --seed: the teacher, trained once per file on
-    the rest, never sees a question of any seed's test set.
-    """
+    """Per modality, a shuffle keyed by the file holds out min(n_test, 20%) questions for evaluation; the rest
+    trains. The split depends on the file alone, not on --seed: the teacher, trained once per file on the rest,
+    never sees a question of any seed's test set."""
     examples = load_jsonl(a.data)
     with open(a.data, "rb") as f:
         fingerprint = hashlib.sha1(f.read()).hexdigest()[:12]
@@ -1119,26 +1072,29 @@ def jsonl_data(a: Args) -> Data:
 # ---------------------------------------------------------------------------------------
 def tag(a: Args) -> str:
     """Names the run's folders: the preset, plus the data file and student checkpoint when given."""
-    parts = [a.preset] + [os.path.splitext(os.path.basename(x.rstrip("/")))[0] for x in (a.data, a.student) if x]
-    return "-".join(parts)
+    return "-".join([a.preset] + [Path(x.rstrip("/")).stem for x in (a.data, a.student) if x])
 
 
 def seed_root(a: Args) -> str:
     return os.path.join(a.out, f"{tag(a)}-seed{a.seed}")
 
 
-def base_path(a: Args) -> str:
-    """The base stage's folder; "" where there is none (JSONL data has no descriptions; checkpoints need none)."""
-    return "" if a.data or a.student else os.path.join(a.out, f"{tag(a)}-base")
+def stage_paths(a: Args) -> dict[str, str]:
+    """The folders of the run's supervised stages: none with --student/--teacher, and no base with --data (JSONL
+    data has no descriptions to pretrain on). Teacher and base are shared by seeds."""
+    if a.student:
+        return {}
+    shared, warm = os.path.join(a.out, tag(a)), os.path.join(seed_root(a), "student_init")
+    return {"teacher": f"{shared}-teacher"} | ({} if a.data else {"base": f"{shared}-base"}) | {"warm-up": warm}
+
+
+VARIANT_FLAGS = {"kdpo": ("tau",), "kepo": ("tau", "hint_mode")}  # the flags of a method beyond GRPO's
 
 
 def run_name(a: Args) -> str:
-    name = f"rl-{a.method}"
-    if a.method in ("kdpo", "kepo") and a.tau != 1.0:
-        name += f"-tau{a.tau:g}"
-    if a.method == "kepo" and a.hint_mode != "adaptive":
-        name += f"-{a.hint_mode}"
-    return name
+    """rl-{method}, plus each flag of the method that differs from its default (rl-kepo-tau2, rl-kepo-always)."""
+    changed = [k for k in VARIANT_FLAGS.get(a.method, ()) if getattr(a, k) != getattr(Args, k)]
+    return "-".join([f"rl-{a.method}"] + [f"tau{a.tau:g}" if k == "tau" else a.hint_mode for k in changed])
 
 
 def as_json(obj):
@@ -1147,22 +1103,17 @@ def as_json(obj):
 
 
 def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(Path(path).read_text())
 
 
 def write_json(path: str, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
+    Path(path).write_text(json.dumps(obj, indent=1))
 
 
 def read_metrics(run_dir: str) -> list[dict]:
     """The run's metrics.jsonl, one dict per logged step ([] before the first)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f]
+    path = Path(run_dir, "metrics.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def save_atomically(path: str, write):
@@ -1192,23 +1143,11 @@ def load_processor(path: str, what: str):
         raise UserError(f"{what} {path}: cannot load its processor ({type(e).__name__}: {e})") from e
 
 
-def load_stage(path: str, config: dict, device):
-    """The model of a finished stage saved in `path` with `config`, or None if the stage never finished."""
-    if not os.path.exists(os.path.join(path, "stage.json")):
-        return None
-    saved = read_json(os.path.join(path, "stage.json"))["config"]
-    if saved != as_json(config):
-        raise UserError(f"cached stage {path} was built with {saved}, not {config}; use another --out or delete it")
-    return load_model(path, device, "cached stage")
-
-
-TORCHRUN_NEEDS_STAGES = ("under torchrun every stage before RL must be cached, so that one process trains them: "
-                         "run the same command once without torchrun (and --shard), with --steps 0")
-
-
 def require_single_process(what: str):
+    """Under torchrun every stage before RL must be cached, so that one process trains them."""
     if kepo.world_size() > 1:
-        raise UserError(f"{what} is missing; {TORCHRUN_NEEDS_STAGES}")
+        raise UserError(f"{what} is missing; under torchrun every stage before RL must be cached: run the same "
+                        "command once without torchrun (and --shard), with --steps 0")
 
 
 # Whole tensors, keyed by parameter name, on rank 0's CPU: the same file from 1 process or N, sharded or not
@@ -1252,7 +1191,7 @@ NOT_SHAPING = ("out", "resume", "compare", "report", "log_every", "ckpt_every", 
 
 def run_settings(a: Args, cfg: kepo.KEPOConfig) -> dict:
     """Every setting that shapes an RL run: what its checkpoint and results record, and what a rerun must match."""
-    unused = {"grpo": ("tau", "hint_mode"), "opd": ("tau", "hint_mode"), "kdpo": ("hint_mode",)}.get(a.method, ())
+    unused = tuple(k for k in VARIANT_FLAGS["kepo"] if k not in VARIANT_FLAGS.get(a.method, ()))
     flags = {k: v for k, v in asdict(a).items() if k not in NOT_SHAPING + unused}  # --compare --tau 2 is grpo's too
     config = {k: v for k, v in asdict(cfg).items() if k not in unused}
     return as_json(flags | {"kepo": config, "world_size": kepo.world_size()})
@@ -1293,8 +1232,13 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def setup_distributed(a: Args) -> Args:
-    """Under torchrun: join the process group (nccl on GPUs, gloo on CPU), one GPU per process; rank 0 prints."""
+def setup(a: Args) -> Args:
+    """The device (auto: cuda if there is one); under torchrun, the process group (nccl on GPUs, gloo on CPU), one
+    GPU per process, and rank 0 prints."""
+    if a.device == "auto":
+        a = replace(a, device="cuda" if torch.cuda.is_available() else "cpu")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {a.device}: torch {torch.__version__} sees no CUDA GPU here (try --device cpu)")
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return a
     cuda = a.device.startswith("cuda")
@@ -1395,14 +1339,12 @@ def stages(a: Args, cfg: kepo.KEPOConfig) -> Stages:
         proc = build_processor(data.pool + data.test if a.data else [])
         teacher = teacher_stage(a, proc, data)
         student = student_stage(a, proc, data, base_stage(a, proc, data))
-        student_src = os.path.join(seed_root(a), "student_init")
+        student_src = stage_paths(a)["warm-up"]
     before = before_rl(a, cfg, proc, teacher, student, data)
     teacher = frozen(teacher, a)
     print(f"learning cliff before RL ({data.train_modality} train, G={a.group_size}, all samples wrong): "
           + ", ".join(f"{q} {v:.2f}" for q, v in before["cliff"].items()))
     print("premises (before RL; a comparison of methods means something only where they hold):")
-    target = lambda it: " and ".join(f"{op} {x:.3f}" for op, x in ((">=", it["min"]), ("<=", it["max"]))  # noqa: E731
-                                     if x is not None)
     print("\n".join(md_table(["premise", "value", "target", ""], [[it["premise"], it["value"], target(it),
                                                                  "holds" if it["holds"] else "FAILS"]
                                                                 for it in before["premises"]])))
@@ -1451,15 +1393,6 @@ def summarize_seed(a: Args, s: Stages, rows: dict, seconds: float):
     print(f"\nresults in {seed_root(a)}/ ({seconds:.0f}s)")
 
 
-def stage_paths(a: Args) -> dict:
-    """The supervised stages of this run (none with --student/--teacher)."""
-    if a.student:
-        return {}
-    paths = {"teacher": os.path.join(a.out, f"{tag(a)}-teacher"), "base": base_path(a),
-             "warm-up": os.path.join(seed_root(a), "student_init")}
-    return {n: p for n, p in paths.items() if p}
-
-
 # Steps per second of each stage on the 2-core CPU box with the cpu preset (README, "Stage times"): the start line's
 # estimate. RL scales with the prompts per step. No GPU rates: none were measured.
 CPU_STEPS_PER_SECOND = {"teacher": 4.8, "base": 15.2, "warm-up": 11.8}
@@ -1483,49 +1416,52 @@ def print_start(a: Args):
 
 
 # ---------------------------------------------------------------------------------------
-# Report over seeds (--report; not part of KEPO): markdown tables with mean ± std and paired differences
+# Report over seeds (--report; not part of KEPO): the README's result tables, mean ± std and paired differences
 # ---------------------------------------------------------------------------------------
-# The README's evidence is a shell loop over seeds and variants, then this report:
-#   for seed in 1 2 3 4 5; do python train_small.py --preset cpu --seed $seed --compare
-#     for v in "--tau 0" "--tau 2" "--hint-mode always"; do python train_small.py --preset cpu --seed $seed $v; done
-#   done; python train_small.py --preset cpu --report
-REPORT_ORDER = ["grpo", "opd", "kdpo", "kepo", "kepo-tau0", "kepo-tau2", "kepo-always"]
+# Rows in this order; the runs are what the README's loop over seeds and variants leaves under --out
+REPORT_ORDER = ["chance", "teacher", "student (before RL)", "rl-grpo", "rl-opd", "rl-kdpo", "rl-kepo", "rl-kepo-tau0",
+                "rl-kepo-tau2", "rl-kepo-always"]
+HINT_METRICS = ("hint_groups", "hint_accept_rate", "hint_injected")  # per-step means over a run's metrics.jsonl
+HINT_TABLE = dict(zip(HINT_METRICS + ("cliff_solved", "rl_seconds"), (
+    "triggered groups / step", "groups with an accepted hint", "injected / step", "cliff prompts solved after RL",
+    "RL seconds")))
 
 
 def collect(a: Args) -> tuple[dict[str, dict[int, dict]], dict[int, dict]]:
-    """(name -> seed -> results, seed -> before-RL record) for the runs and before-RL rows under --out."""
+    """(row name -> seed -> results, in REPORT_ORDER; seed -> before-RL record) for every seed under --out."""
     found, befores = {}, {}
-    for seed_dir in sorted(glob.glob(os.path.join(a.out, f"{tag(a)}-seed*"))):
-        seed = int(seed_dir.rsplit("-seed", 1)[1])
-        if not os.path.exists(os.path.join(seed_dir, "before_rl.json")):
-            continue
-        befores[seed] = read_json(os.path.join(seed_dir, "before_rl.json"))
+    for path in sorted(glob.glob(os.path.join(a.out, f"{tag(a)}-seed*", "before_rl.json"))):
+        seed_dir = os.path.dirname(path)
+        befores[seed := int(seed_dir.rsplit("-seed", 1)[1])] = read_json(path)
         for name, row in befores[seed]["rows"].items():
             found.setdefault(name, {})[seed] = row
-        for path in sorted(glob.glob(os.path.join(seed_dir, "rl-*", "results.json"))):
-            res = read_json(path)
-            metrics = read_metrics(os.path.dirname(path))
-            for key in ("hint_groups", "hint_accept_rate", "hint_injected"):
-                res[key] = sum(m.get(key, 0.0) for m in metrics) / len(metrics)
-            found.setdefault(res["run"], {})[seed] = res
-    return found, befores
+        for run_dir in sorted(glob.glob(os.path.join(seed_dir, "rl-*"))):
+            if os.path.exists(os.path.join(run_dir, "results.json")):
+                res, metrics = read_json(os.path.join(run_dir, "results.json")), read_metrics(run_dir)
+                res |= {k: sum(m.get(k, 0.0) for m in metrics) / len(metrics) for k in HINT_METRICS}
+                found.setdefault(res["run"], {})[seed] = res
+    rank_of = lambda name: REPORT_ORDER.index(name) if name in REPORT_ORDER else len(REPORT_ORDER)  # noqa: E731
+    return dict(sorted(found.items(), key=lambda kv: rank_of(kv[0]))), befores
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values) -> str:
     values = list(values)
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
 
 
+def over_seeds(found: dict[str, dict[int, dict]], head: list[str], keys: list[str]) -> list[str]:
+    """One row per run: its number of seeds, then each key's mean ± std over them."""
+    return md_table(["run", "seeds", *head], [[n, str(len(rs)), *(mean_std(r[k] for r in rs.values()) for k in keys)]
+                                              for n, rs in found.items()]) + [""]
+
+
 def premises_table(befores: dict[int, dict]) -> list[str]:
-    """One row per premise, one column per seed."""
+    """One row per premise, one column per seed (✗: it does not hold), and the first seed's target."""
     seeds = sorted(befores)
-    first = befores[seeds[0]]["premises"]
-    target = lambda it: " and ".join(f"{op} {x:.2f}" for op, x in ((">=", it["min"]), ("<=", it["max"]))  # noqa: E731
-                                     if x is not None)
     rows = [[it["premise"].split(" (")[0], *(f"{befores[s]['premises'][i]['value']:.3f}"
                                             + ("" if befores[s]["premises"][i]["holds"] else " ✗") for s in seeds),
-             target(it)] for i, it in enumerate(first)]
-    return md_table(["premise", *(f"seed {s}" for s in seeds), f"target (seed {seeds[0]})"], rows)
+             target(it)] for i, it in enumerate(befores[seeds[0]]["premises"])]
+    return md_table(["premise", *(f"seed {s}" for s in seeds), f"target (seed {seeds[0]})"], rows) + [""]
 
 
 def paired_table(found: dict[str, dict[int, dict]]) -> list[str]:
@@ -1533,70 +1469,46 @@ def paired_table(found: dict[str, dict[int, dict]]) -> list[str]:
     rows = []
     for other in ("rl-grpo", "rl-opd", "rl-kdpo"):
         seeds = sorted(set(found.get("rl-kepo", {})) & set(found.get(other, {})))
-        if not seeds:
-            continue
-        cells = []
-        for col in ("OOD", "ID"):
-            diffs = [found["rl-kepo"][s][col] - found[other][s][col] for s in seeds]
-            cells += [mean_std(diffs), f"{sum(d > 0 for d in diffs)}/{len(diffs)}"]
-        rows.append([f"kepo - {other[3:]}", *cells])
-    return md_table(["paired difference", "OOD", "seeds > 0", "ID", "seeds > 0"], rows)
+        if seeds:
+            diffs = [[found["rl-kepo"][s][col] - found[other][s][col] for s in seeds] for col in ("OOD", "ID")]
+            rows.append([f"kepo - {other[3:]}", *(x for d in diffs for x in (mean_std(d), f"{sum(v > 0 for v in d)}/"
+                                                                                          f"{len(d)}"))])
+    return md_table(["paired difference", "OOD", "seeds > 0", "ID", "seeds > 0"], rows) + [""]
 
 
 def report(a: Args):
-    """Markdown tables over seeds, printed and written to {out}/{tag}-report.md."""
+    """Premises, accuracy per modality and per question type, paired differences, hints: printed and written
+    to {out}/{tag}-report.md."""
     found, befores = collect(a)
     if not befores:
         raise UserError(f"--report: no results under {a.out} for {tag(a)}")
-    order = ["chance", "teacher", "student (before RL)"] + ["rl-" + v for v in REPORT_ORDER]
-    found = dict(sorted(found.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
-    chance_row, train = next(iter(found["chance"].values())), next(iter(befores.values()))["key"]["train_modality"]
-    qcols = [c for c in chance_row if c.startswith("q/")]
-    cols = [c for c in chance_row if c not in qcols and c not in ("ID", "OOD")] + ["ID", "OOD"]
-    lines = premises_table(befores) + [""]
-    lines += md_table(["run", "seeds", *(c + (" (ID)" if c == train else "") for c in cols)],
-                      [[n, str(len(rs)), *(mean_std(r[c] for r in rs.values()) for c in cols)]
-                       for n, rs in found.items()]) + [""]
-    lines += md_table(["run", *(q[2:] for q in qcols)],
-                      [[n, *(mean_std(r[c] for r in rs.values()) for c in qcols)] for n, rs in found.items()]) + [""]
-    lines += paired_table(found) + [""]
-    hint_runs = {n: rs for n, rs in found.items() if n.startswith("rl-")}
-    lines += md_table(["run", "triggered groups / step", "groups with an accepted hint", "injected / step",
-                       "cliff prompts solved after RL", "RL seconds"],
-                      [[n, *(mean_std(r[k] for r in rs.values()) for k in ("hint_groups", "hint_accept_rate",
-                                                                           "hint_injected", "cliff_solved",
-                                                                           "rl_seconds"))]
-                       for n, rs in hint_runs.items()])
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(a.out, f"{tag(a)}-report.md"), "w") as f:
-        f.write(text)
-    print(text)
+    columns, train = list(found["chance"].values())[0], list(befores.values())[0]["key"]["train_modality"]
+    qtypes = [c for c in columns if c.startswith("q/")]
+    modalities = [c for c in columns if c not in qtypes and c not in ("ID", "OOD")] + ["ID", "OOD"]
+    lines = premises_table(befores) + over_seeds(found, [m + " (ID)" * (m == train) for m in modalities], modalities)
+    lines += over_seeds(found, [q[2:] for q in qtypes], qtypes) + paired_table(found)
+    lines += over_seeds({n: rs for n, rs in found.items() if n.startswith("rl-")}, list(HINT_TABLE.values()),
+                        list(HINT_TABLE))
+    Path(a.out, f"{tag(a)}-report.md").write_text("\n".join(lines))
+    print("\n".join(lines))
 
 
 # ---------------------------------------------------------------------------------------
 # Command line: one line for a user error (exit 2) or an interruption (exit 130), never a traceback
 # ---------------------------------------------------------------------------------------
-def resolve_device(a: Args) -> Args:
-    if a.device == "auto":
-        return replace(a, device="cuda" if torch.cuda.is_available() else "cpu")
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {a.device}: torch {torch.__version__} sees no CUDA GPU here (try --device cpu)")
-    return a
-
-
 def cli(a: Args):
     sys.stdout.reconfigure(line_buffering=True)  # progress reaches a redirected log as it is printed
     hf_logging.disable_progress_bar()
     try:
-        a = setup_distributed(resolve_device(a))
+        a = setup(a)
         report(a) if a.report else main(a)
     except UserError as e:
         print(f"train_small.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: kept under {a.out}/ are the finished stages, the state of a supervised stage in "
-              f"progress (saved every {SFT_SAVE_SECONDS} s) and RL checkpoints (every --ckpt-every steps); rerun the "
-              "same command to continue (with --resume for RL)", file=sys.stderr)
+        print(f"\ninterrupted: kept under {a.out}/ are the finished stages, a supervised stage's state (saved every "
+              f"{SFT_SAVE_SECONDS} s) and RL checkpoints (every --ckpt-every steps); rerun the same command to "
+              "continue (with --resume for RL)", file=sys.stderr)
         sys.exit(130)
     finally:
         if dist.is_initialized():
