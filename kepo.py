@@ -155,9 +155,7 @@ class KEPOConfig:
                 raise ValueError(f"KEPOConfig.{name}={getattr(self, name)!r} {why}")
 
 
-# ---------------------------------------------------------------------------------------
-# 1. Generation: G samples per prompt from the current student
-# ---------------------------------------------------------------------------------------
+# ---- 1. Generation: G samples per prompt from the current student ------------------------------------------------
 TOKEN_ALIGNED = ("mm_token_type_ids",)  # vision kwargs laid out like input_ids [B, P] (Qwen2-VL's image-token map)
 
 
@@ -303,9 +301,7 @@ def selective_logps(logits: torch.Tensor, ids: torch.Tensor, temperature: float 
                         for row, i in zip(logits, ids)])
 
 
-# ---------------------------------------------------------------------------------------
-# 2. Reward: r = accuracy + format, each 0 or 1
-# ---------------------------------------------------------------------------------------
+# ---- 2. Reward: r = accuracy + format, each 0 or 1 ---------------------------------------------------------------
 _TAG = r"</?(?:think|answer)>"
 _FREE = rf"(?:(?!{_TAG}).)*"  # text without think/answer tags: rejects nested or repeated tags
 FORMAT_RE = re.compile(rf"\s*<think>{_FREE}</think>\s*<answer>{_FREE}</answer>\s*", re.S)
@@ -339,9 +335,7 @@ def kepo_reward(completions: list[str], answers: list[str]) -> torch.Tensor:
     return accuracy_reward(completions, answers) + format_reward(completions)
 
 
-# ---------------------------------------------------------------------------------------
-# 3. GRPO: group-relative advantages and the clipped policy-gradient loss
-# ---------------------------------------------------------------------------------------
+# ---- 3. GRPO: group-relative advantages and the clipped policy-gradient loss -------------------------------------
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
     """[N] A_i = (r_i - mean_g) / (std_g + eps), unbiased std over consecutive groups of G.
 
@@ -380,9 +374,7 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
     return masked_mean_per_sequence(per_token, mask)
 
 
-# ---------------------------------------------------------------------------------------
-# 4. Quality gate: distil only from trajectories with r_i >= tau
-# ---------------------------------------------------------------------------------------
+# ---- 4. Quality gate: distil only from trajectories with r_i >= tau ----------------------------------------------
 def quality_gate(rewards: torch.Tensor, tau: float | None) -> torch.Tensor:
     """[N] bool, r_i >= tau. tau=None: all False (plain GRPO); tau=0: all True (uniform OPD)."""
     if tau is None:
@@ -390,9 +382,7 @@ def quality_gate(rewards: torch.Tensor, tau: float | None) -> torch.Tensor:
     return rewards >= tau
 
 
-# ---------------------------------------------------------------------------------------
-# 5. Token-level teacher divergence: the generalized JSD of GKD (arXiv 2306.13649), on-policy
-# ---------------------------------------------------------------------------------------
+# ---- 5. Token-level teacher divergence: the generalized JSD of GKD (arXiv 2306.13649), on-policy -----------------
 JSD_CHUNK_TOKENS = 64  # tokens per JSD chunk: its fp32 [64, V] temporaries are recomputed in backward, not kept
 
 
@@ -473,9 +463,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher, rollouts: Rollouts,
     return jsd * mask.sum() * world_size() / all_tokens
 
 
-# ---------------------------------------------------------------------------------------
-# 6. Hint learning: the teacher writes a hint from the ground truth
-# ---------------------------------------------------------------------------------------
+# ---- 6. Hint learning: the teacher writes a hint from the ground truth -------------------------------------------
 HINT_RE = re.compile(r"<hint>(.*?)</hint>", re.S)
 
 
@@ -506,9 +494,7 @@ def write_hints(teacher, tokenizer, requests: PromptBatch, cfg: KEPOConfig,
     return [extract_hint(t) for t in out.texts]
 
 
-# ---------------------------------------------------------------------------------------
-# 7. Rejection sampling and injection: correct hinted samples join the hint-free group
-# ---------------------------------------------------------------------------------------
+# ---- 7. Rejection sampling and injection: correct hinted samples join the hint-free group ------------------------
 def tries_per_call(device: torch.device, max_attempts: int) -> int:
     """Rejection-sampling tries batched into one `generate` call: all of them on an accelerator,
     where generation is bound by per-token overhead and 5x the rows cost about one try; one on
@@ -591,9 +577,7 @@ def knowledge_enhance(student, teacher, tokenizer, rollouts: Rollouts, rewards: 
     return inject(rollouts, rewards, cfg.group_size, accepted, tokenizer.pad_token_id), stats
 
 
-# ---------------------------------------------------------------------------------------
-# 8. Loss and step: eq. 7, policy loss + gated distillation, one optimizer step
-# ---------------------------------------------------------------------------------------
+# ---- 8. Loss and step: eq. 7, policy loss + gated distillation, one optimizer step -------------------------------
 @contextmanager
 def timed(metrics: dict, key: str, device):
     """Adds the wall time of the block to metrics[key] (after the device's queued work finishes)."""

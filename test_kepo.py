@@ -19,15 +19,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.nn.utils.rnn import pad_sequence
-from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
 import kepo
 import train_small as ts
 
 
-# ---------------------------------------------------------------------------------------
-# Test helpers: a tiny Hugging Face VLM, a scripted policy, independent formulas
-# ---------------------------------------------------------------------------------------
+# ---- Test helpers: a tiny Hugging Face VLM, a scripted policy, independent formulas ------------------------------
 WORDS = "what finding is shown options a b c d look at lesion large small round answer hint".split()
 
 
@@ -194,9 +192,7 @@ def hand_jsd(s_logits, t_logits, beta, temperature):
 
 
 
-# ---------------------------------------------------------------------------------------
-# 1. Generation: G samples per prompt from the current student
-# ---------------------------------------------------------------------------------------
+# ---- 1. Generation: G samples per prompt from the current student ------------------------------------------------
 def test_completion_mask_stops_at_first_eos():
     ids = torch.tensor([[5, 6, 2, 0, 0], [5, 2, 2, 2, 2], [5, 6, 7, 8, 9]])
     assert kepo.completion_mask(ids, eos_id=2).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1] * 5]
@@ -286,9 +282,7 @@ def test_qwen2_vl_flattened_patches_score_and_train(device):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-# ---------------------------------------------------------------------------------------
-# 2. Reward: r = accuracy + format, each 0 or 1
-# ---------------------------------------------------------------------------------------
+# ---- 2. Reward: r = accuracy + format, each 0 or 1 ---------------------------------------------------------------
 REWARD_TABLE = [  # text, answer, format, accuracy
     ("<think>round lesion</think><answer>B</answer>", "B", 1, 1),
     ("  <think> x </think>\n<answer> b </answer>\n", "B", 1, 1),
@@ -321,9 +315,7 @@ def test_accuracy_reward_length_mismatch_is_an_error():
         kepo.accuracy_reward(["a", "b"], ["A"])
 
 
-# ---------------------------------------------------------------------------------------
-# 3. GRPO: group-relative advantages and the clipped policy-gradient loss
-# ---------------------------------------------------------------------------------------
+# ---- 3. GRPO: group-relative advantages and the clipped policy-gradient loss -------------------------------------
 def test_group_advantages_by_hand():
     r = torch.tensor([0.0, 1.0, 2.0, 1.0, 2.0, 2.0, 2.0, 2.0])
     adv = kepo.group_advantages(r, 4)
@@ -383,9 +375,7 @@ def test_grpo_all_equal_rewards_give_zero_policy_gradient(tokenizer):
     assert grads and all((g == 0).all() for g in grads)
 
 
-# ---------------------------------------------------------------------------------------
-# 4. Quality gate: distil only from trajectories with r_i >= tau
-# ---------------------------------------------------------------------------------------
+# ---- 4. Quality gate: distil only from trajectories with r_i >= tau ----------------------------------------------
 def test_quality_gate_edges():
     r = torch.tensor([0.0, 1.0, 2.0, 1.0])
     assert kepo.quality_gate(r, None).tolist() == [False] * 4
@@ -402,9 +392,7 @@ def test_empty_gate_gives_finite_zero_distillation(tokenizer):
     assert m["distill_loss"] == 0.0 and m["gate_frac"] == 0.0 and math.isfinite(m["loss"])
 
 
-# ---------------------------------------------------------------------------------------
-# 5. Token-level teacher divergence: the generalized JSD of GKD (arXiv 2306.13649), on-policy
-# ---------------------------------------------------------------------------------------
+# ---- 5. Token-level teacher divergence: the generalized JSD of GKD (arXiv 2306.13649), on-policy -----------------
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0, 0.1])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_generalized_jsd_matches_hand_computation(beta, temperature):
@@ -479,9 +467,7 @@ def test_teacher_runs_only_on_gated_rows(tokenizer):
     assert teacher.calls == [] and empty.item() == 0.0
 
 
-# ---------------------------------------------------------------------------------------
-# 6. Hint learning: the teacher writes a hint from the ground truth
-# ---------------------------------------------------------------------------------------
+# ---- 6. Hint learning: the teacher writes a hint from the ground truth -------------------------------------------
 def test_extract_hint():
     assert kepo.extract_hint("blah <hint> look at the size </hint> rest") == "look at the size"
     assert kepo.extract_hint("<hint>   </hint>") is None
@@ -501,9 +487,7 @@ def test_groups_without_a_hint_tag_are_not_sampled(tokenizer):
     assert out.texts == [answer("b")] * 2 + [answer("c")] * 6
 
 
-# ---------------------------------------------------------------------------------------
-# 7. Rejection sampling and injection: correct hinted samples join the hint-free group
-# ---------------------------------------------------------------------------------------
+# ---- 7. Rejection sampling and injection: correct hinted samples join the hint-free group ------------------------
 def test_rejection_sampling_keeps_each_correct_sample(tokenizer):
     """K = 2, one correct sample of two per try: per-sample acceptance keeps it; all-or-nothing would keep none."""
     student = ScriptedVLM(tokenizer, lambda i, row: answer("b" if i % 2 == 0 else "c"))
@@ -585,9 +569,7 @@ def test_knowledge_enhance_accepts_correct_hinted_samples(tokenizer):
     assert torch.equal(out.prompts.input_ids, rollouts.prompts.input_ids)
 
 
-# ---------------------------------------------------------------------------------------
-# 8. Loss and step: eq. 7, policy loss + gated distillation, one optimizer step
-# ---------------------------------------------------------------------------------------
+# ---- 8. Loss and step: eq. 7, policy loss + gated distillation, one optimizer step -------------------------------
 def test_injected_hinted_samples_are_rescored_and_the_loss_matches_a_hand_computation(tokenizer, monkeypatch):
     student, teacher, prompts, hints, cfg = scripted_setup(tokenizer, tau=2.0)
     # by hand: 2 correct hinted samples replace slots 0-1 of each group, under the hint-free prompt
@@ -906,9 +888,7 @@ def test_two_ranks_give_one_process_loss_and_gradients_on_the_same_global_batch(
     assert proc.stdout.count("in lockstep") == (2 if mode == "shard" else 0)
 
 
-# ---------------------------------------------------------------------------------------
-# train_small.py: the toy, its stages and its command line
-# ---------------------------------------------------------------------------------------
+# ---- train_small.py: the toy, its stages and its command line ----------------------------------------------------
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -1198,9 +1178,8 @@ def test_sharded_smoke_run_trains_saves_resumes_and_reloads(smoke, tmp_path):
     assert any(not torch.equal(w, w0) for w, w0, _ in weights) and all(torch.equal(w, w1) for w, _, w1 in weights)
     # the two ranks' evaluation (each a slice of the questions) is the one process's
     args = ts.Args(**ts.PRESETS["smoke"], preset="smoke", out=str(killed), device="cpu")
-    data = ts.toy_data(args)
-    here = ts.summarize(data.test, ts.correctness(student, ts.load_processor(str(run / "student"), ""), data.test,
-                                                  ts.kepo_config(args), "cpu"), data)
+    data, proc = ts.toy_data(args), AutoProcessor.from_pretrained(str(run / "student"))
+    here = ts.summarize(data.test, ts.correctness(student, proc, data.test, ts.kepo_config(args), "cpu"), data)
     results = json.loads((run / "results.json").read_text())
     assert {m: here[m] for m in ts.MODALITIES} == {m: results[m] for m in ts.MODALITIES}
 
@@ -1275,7 +1254,7 @@ def test_checkpoints_load_in_fp32_whatever_dtype_they_were_saved_in(tmp_path):
 def test_a_chat_checkpoint_is_asked_in_words(tmp_path):
     """The second family has a chat template: the student, teacher and hinted prompts carry the instructions."""
     save_tiny_paddleocr_vl(tmp_path / "student", 32, seed=0)
-    proc = ts.load_processor(str(tmp_path / "student"), "--student")
+    proc = AutoProcessor.from_pretrained(str(tmp_path / "student"))
     exs = ts.make_split(1, "train", "mri", 2)
     hints = ts.hint_prompts(exs, proc, "cpu")
     batches = {ts.STUDENT_ASK: ts.student_prompts(proc, exs, "cpu"),

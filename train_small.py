@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import glob
 import hashlib
 import json
 import os
@@ -42,9 +41,7 @@ from functools import partial
 from pathlib import Path
 
 
-# ---------------------------------------------------------------------------------------
-# Config: one dataclass; a preset overrides some of its defaults, flags override both
-# ---------------------------------------------------------------------------------------
+# ---- Config: one dataclass; a preset overrides some of its defaults, flags override both -------------------------
 def arg(default, help: str):
     return field(default=default, metadata={"help": help})
 
@@ -68,10 +65,8 @@ class Args:
     max_new_tokens: int = arg(12, "cap on completion and hint tokens (the toy's longest answer is 9)")
     # memory and GPUs
     micro_batch: int = arg(0, "rows per forward and backward of an RL step, gradients accumulated exactly (0: all)")
-    dtype: str = arg("fp32", "fp32 | bf16: teacher and reference in bf16, the student's RL step under bf16 "
-                             "autocast (its weights and optimizer stay fp32)")
-    shard: bool = arg(False, "under torchrun: shard student, reference and teacher over the processes with FSDP2 "
-                             "(fully_shard) instead of copying the student on each (DDP)")
+    dtype: str = arg("fp32", "fp32 | bf16: bf16 teacher and reference, bf16 autocast for the student (fp32 weights)")
+    shard: bool = arg(False, "under torchrun: FSDP2-shard student, reference and teacher (default: DDP)")
     # RL (stage 4), and how often it evaluates, checkpoints and logs
     steps: int = arg(200, "RL steps (0: stop after the stages and the premises table)")
     batch_prompts: int = arg(64, "prompts per RL step (B; split over torchrun processes)")
@@ -109,10 +104,9 @@ PRESETS = {  # overrides of Args defaults; a flag given on the command line wins
     "cpu": dict(batch_prompts=16, n_eval_curve=12, ckpt_every=50, log_every=25),
     # smoke: tiny models with high learning rates, so that the warm student formats some of its samples and
     # every RL step has a reward spread, gated rows and a gradient (CI checks this), in about 10 s on a CPU
-    "smoke": dict(teacher_steps=40, base_steps=10, warm_steps=40, teacher_lr=1e-2, sft_lr=1e-2, steps=6,
-                  batch_prompts=4, sft_batch=16, n_pool=8, n_train=16, n_warm=16, n_test=4, n_cliff=8, eval_every=3,
-                  n_eval_curve=2, ckpt_every=2, log_every=2, student_width=32, student_layers=1, teacher_width=48,
-                  teacher_layers=1),
+    "smoke": dict(teacher_steps=40, base_steps=10, warm_steps=40, teacher_lr=1e-2, sft_lr=1e-2, steps=6, sft_batch=16,
+                  batch_prompts=4, n_pool=8, n_train=16, n_warm=16, n_test=4, n_cliff=8, eval_every=3, n_eval_curve=2,
+                  ckpt_every=2, log_every=2, student_width=32, student_layers=1, teacher_width=48, teacher_layers=1),
 }
 METHODS = ["grpo", "opd", "kdpo", "kepo"]  # kepo.METHODS, in the order tables list them
 CHOICES = {"preset": list(PRESETS), "method": METHODS, "hint_mode": ["adaptive", "always"], "dtype": ["fp32", "bf16"]}
@@ -141,7 +135,7 @@ def parse_args(argv=None) -> Args:
 
 def check_args(a: Args) -> str | None:
     """The first problem with the flags, in words, or None."""
-    small = [n for n in POSITIVE if getattr(a, n) < 1]
+    small, world = [n for n in POSITIVE if getattr(a, n) < 1], int(os.environ.get("WORLD_SIZE", "1"))
     checks = [
         (not small, f"--{small[0].replace('_', '-') if small else ''} must be >= 1"),
         (a.group_size >= 2, "--group-size must be >= 2: advantages compare the samples of a group"),
@@ -152,13 +146,12 @@ def check_args(a: Args) -> str | None:
         (a.n_cliff <= a.n_train, f"--n-cliff {a.n_cliff} must be <= --n-train {a.n_train}"),
         (bool(a.student) == bool(a.teacher), "--student and --teacher go together (every method but grpo needs "
                                              "the teacher, and the table compares with it)"),
-        (not a.shard or int(os.environ.get("WORLD_SIZE", "1")) > 1, "--shard needs torchrun with 2 or more processes"),
-        (a.device in ("auto", "cpu") or a.device.split(":")[0] == "cuda", f"--device {a.device}: auto, cpu, cuda or "
-                                                                           "cuda:N"),
+        (not a.shard or world > 1, "--shard needs torchrun with 2 or more processes"),
+        (a.batch_prompts % world == 0, f"--batch-prompts {a.batch_prompts} must divide among {world} processes"),
+        (a.device in ("auto", "cpu") or a.device.split(":")[0] == "cuda", f"--device {a.device}: auto, cpu, cuda[:N]"),
         (not a.data or os.path.isfile(a.data), f"--data {a.data}: no such file"),
-    ] + [(not path or os.path.isfile(os.path.join(path, "config.json")),
-          f"--{flag} {path}: not a checkpoint folder (no config.json)") for flag, path in (("student", a.student),
-                                                                                           ("teacher", a.teacher))]
+    ] + [(not p or os.path.isfile(os.path.join(p, "config.json")), f"--{flag} {p}: not a checkpoint folder (no "
+          "config.json)") for flag, p in (("student", a.student), ("teacher", a.teacher))]
     return next((why for ok, why in checks if not ok), None)
 
 
@@ -195,9 +188,7 @@ def kepo_config(a: Args) -> kepo.KEPOConfig:
                            tau=a.tau, hint_mode=a.hint_mode, micro_batch_size=a.micro_batch or None)
 
 
-# ---------------------------------------------------------------------------------------
-# Stage 4: RL on the train modality, one kepo.kepo_step per batch of prompts
-# ---------------------------------------------------------------------------------------
+# ---- Stage 4: RL on the train modality, one kepo.kepo_step per batch of prompts ----------------------------------
 @dataclass
 class Stages:
     """What stages 1-3 leave for RL and evaluation, shared by every method of a seed."""
@@ -237,8 +228,9 @@ def rl(a: Args, cfg: kepo.KEPOConfig, s: Stages, run_dir: str, settings: dict):
                                       s.data)["OOD"]
             m["time/eval"] = time.time() - t
         log.step(m)
-        if step % a.ckpt_every == 0:
-            save_checkpoint(run_dir, step, student, opt, settings)
+        if step % a.ckpt_every == 0:  # with every rank's RNG state: a resumed run samples as this one would have
+            rng = gather((torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
+            save_state(os.path.join(run_dir, "ckpt.pt"), student, opt, step=step, rng=rng, settings=settings)
     weights = get_model_state_dict(student, options=WHOLE)  # a collective when sharded
     if s.master:  # a plain checkpoint: from_pretrained loads it in one process, sharded or not
         save_atomically(os.path.join(run_dir, "student"), lambda d: (student.save_pretrained(d, state_dict=weights),
@@ -253,11 +245,11 @@ def student_prompts(proc, exs: list[Example], device) -> kepo.PromptBatch:
 
 def hint_prompts(exs: list[Example], proc, device) -> kepo.HintPrompts:
     """The two hint prompt builders kepo_step needs, for this step's prompts (indices into exs)."""
+    words, pick = chat(proc), lambda idx: [exs[i] for i in idx]
     return kepo.HintPrompts(
-        request=lambda idx: encode(proc, [exs[i] for i in idx], [hint_request_text(exs[i], chat(proc))
-                                                                   for i in idx], device),
-        hinted=lambda idx, hints: encode(proc, [exs[i] for i in idx],
-                                         [hinted_text(exs[i], h, chat(proc)) for i, h in zip(idx, hints)], device))
+        request=lambda idx: encode(proc, pick(idx), [hint_request_text(e, words) for e in pick(idx)], device),
+        hinted=lambda idx, hints: encode(proc, pick(idx), [hinted_text(e, h, words) for e, h in zip(pick(idx), hints)],
+                                         device))
 
 
 def rl_start(a: Args, run_dir: str, student_src: str):
@@ -270,9 +262,7 @@ def rl_start(a: Args, run_dir: str, student_src: str):
     if not (a.resume and os.path.exists(ckpt)):
         torch.manual_seed(a.seed + RANK_SEED_STRIDE * rank())  # rank 0 samples as a single process does
         return student, opt, 0
-    state = load_state(ckpt, student, opt)
-    if len(state["rng"]) != kepo.world_size():
-        raise UserError(f"checkpoint {ckpt} was written by {len(state['rng'])} processes; resume with as many")
+    state = load_state(ckpt, student, opt)  # its settings, world size included, were checked before any work
     cpu_rng, cuda_rng = state["rng"][rank()]
     torch.set_rng_state(cpu_rng)
     if cuda_rng:
@@ -303,10 +293,14 @@ class Progress:
               f"hint-acc {m.get('hint_accept_rate', 0):.2f} | {rate:.2f} steps/s ETA {(steps - m['step']) / rate:.0f}s")
 
 
-# ---------------------------------------------------------------------------------------
-# Stage 5 and the premises: greedy accuracy, chance, the learning cliff
-# ---------------------------------------------------------------------------------------
+# ---- Stage 5 and the premises: greedy accuracy, chance, the learning cliff ---------------------------------------
 EVAL_BATCH = 256  # rows per generate call in evaluation
+# The toy's premises, checked before RL (README, "The toy's premises"); calibrated on these alone, never on RL outcomes
+TEACHER_MIN_QTYPE = 0.90  # teacher accuracy on every question type, all modalities pooled
+TEACHER_MIN_MODALITY = 0.85  # teacher accuracy on every modality
+ROOM = 0.15  # warm student: OOD >= chance + ROOM (transfer exists), ID and OOD <= teacher - ROOM (room to distil)
+CLIFF_MIN = 0.15  # share of train prompts whose G samples are all wrong before RL
+BASE_MIN = 0.85  # base student: names the organ right, on every modality
 
 
 @torch.no_grad()
@@ -359,22 +353,6 @@ def cliff_mask(model, proc, examples: list[Example], cfg: kepo.KEPOConfig, devic
     return [i in cliff for i in range(len(examples))]
 
 
-def describe_accuracy(model, proc, data: Data, cfg: kepo.KEPOConfig, device) -> dict:
-    """Per modality: the share of test images whose greedy description names the right organ (the base premise)."""
-    texts = completions(model, proc, data.test, [DESCRIBE_PROMPT] * len(data.test), cfg, device,
-                        max_new_tokens=DESCRIBE_TOKENS)
-    hits = torch.tensor([float(f"organ {e.case.organ}" in t) for e, t in zip(data.test, texts)])
-    return {m: v for m, v in summarize(data.test, hits, data).items() if m in data.modalities}
-
-
-# The toy's premises, checked before RL (README, "The toy's premises"); calibrated on these alone, never on RL outcomes
-TEACHER_MIN_QTYPE = 0.90  # teacher accuracy on every question type, all modalities pooled
-TEACHER_MIN_MODALITY = 0.85  # teacher accuracy on every modality
-ROOM = 0.15  # warm student: OOD >= chance + ROOM (transfer exists), ID and OOD <= teacher - ROOM (room to distil)
-CLIFF_MIN = 0.15  # share of train prompts whose G samples are all wrong before RL
-BASE_MIN = 0.85  # base student: names the organ right, on every modality
-
-
 def premises(rows: dict, cliff: float, described: dict | None) -> list[dict]:
     """The toy's premises (a miniature is worth running only if they hold), measured before RL."""
     t, s, c = rows["teacher"], rows["student (before RL)"], rows["chance"]
@@ -394,8 +372,17 @@ def premises(rows: dict, cliff: float, described: dict | None) -> list[dict]:
              "holds": (lo is None or v >= lo) and (hi is None or v <= hi)} for n, v, lo, hi in items]
 
 
-def target(premise: dict) -> str:
-    return " and ".join(f"{op} {x:.2f}" for op, x in ((">=", premise["min"]), ("<=", premise["max"])) if x is not None)
+def premises_table(befores: dict[int, dict]) -> list[str]:
+    """One row per premise, one column per seed (✗: it does not hold), and the first seed's target. Over seeds,
+    a premise is named without its worst modality or question type, which differs by seed."""
+    seeds = sorted(befores)
+    cell = lambda p: f"{p['value']:.3f}" + ("" if p["holds"] else " ✗")  # noqa: E731
+    target = lambda p: " and ".join(f"{op} {x:.2f}" for op, x in ((">=", p["min"]), ("<=", p["max"]))  # noqa: E731
+                                    if x is not None)
+    rows = [[p["premise"] if len(seeds) == 1 else p["premise"].split(" (")[0],
+             *(cell(befores[s]["premises"][i]) for s in seeds), target(p)]
+            for i, p in enumerate(befores[seeds[0]]["premises"])]
+    return md_table(["premise", *(f"seed {s}" for s in seeds), f"target (seed {seeds[0]})"], rows) + [""]
 
 
 def before_rl(a: Args, cfg: kepo.KEPOConfig, proc, teacher, student, data: Data) -> dict:
@@ -416,9 +403,12 @@ def before_rl(a: Args, cfg: kepo.KEPOConfig, proc, teacher, student, data: Data)
     rows = {"chance": summarize(data.test, chance(data.test), data),
             "teacher": summarize(data.test, correctness(teacher, proc, data.test, cfg, a.device), data),
             "student (before RL)": summarize(data.test, correctness(student, proc, data.test, cfg, a.device), data)}
-    base = stage_paths(a).get("base")
-    described = describe_accuracy(load_model(base, a.device, "the base stage"), proc, data, cfg, a.device) \
-        if base else None
+    described, base = None, stage_paths(a).get("base")
+    if base:  # the base premise: per modality, the share of test images whose greedy description names the organ
+        texts = completions(load_model(base, a.device, "the base stage"), proc, data.test,
+                            [DESCRIBE_PROMPT] * len(data.test), cfg, a.device, max_new_tokens=DESCRIBE_TOKENS)
+        hits = torch.tensor([float(f"organ {e.case.organ}" in t) for e, t in zip(data.test, texts)])
+        described = {m: v for m, v in summarize(data.test, hits, data).items() if m in data.modalities}
     by_type = summarize(data.cliff, torch.tensor(mask, dtype=torch.float), data)  # every cliff prompt is ID
     cliff = {q: by_type[f"q/{q}"] for q in data.qtypes} | {"all": by_type["ID"]}
     before = {"rows": rows, "cliff": cliff, "cliff_mask": mask, "base_describes": described,
@@ -433,9 +423,7 @@ def md_table(head: list[str], rows: list[list]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"] + ["| " + " | ".join(r) + " |" for r in cells]
 
 
-# ---------------------------------------------------------------------------------------
-# Stages 1-3: supervised fine-tuning of the teacher, the base student and its warm-up
-# ---------------------------------------------------------------------------------------
+# ---- Stages 1-3: supervised fine-tuning of the teacher, the base student and its warm-up -------------------------
 HINT_SHARE = 0.25  # of the teacher's SFT prompts ask for a hint given the answer; the rest ask the question
 HINTED_SHARE = 0.3  # of the warm-up prompts carry the correct hint, so the student can use one in RL
 REPLAY_SHARE = 0.5  # of each warm-up batch replays the base's describe task on every modality
@@ -526,8 +514,7 @@ def sft(model, proc, draw_batch, config: dict, device, name: str, seed: int, sta
         for i, n in enumerate(len(ids) for ids in token_ids(proc.tokenizer, targets)):
             labels[i, :labels.shape[1] - n] = -100
         clock["data"] += time.perf_counter() - t
-        loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.vision,
-                     labels=labels).loss
+        loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.vision, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
@@ -584,18 +571,20 @@ def warmup_batch(rng: random.Random, n: int, warm_set: list[Example], pool: list
 
 def pretrained_stages(a: Args):
     """Stages 1-3 replaced by local checkpoints: (processor, teacher, student)."""
-    student, proc = load_model(a.student, home(a), "--student"), load_processor(a.student, "--student")
-    teacher = load_model(a.teacher, home(a), "--teacher", DTYPES[a.dtype])
-    teacher_proc = load_processor(a.teacher, "--teacher")
-    if teacher_proc.tokenizer.get_vocab() != proc.tokenizer.get_vocab():
+    procs = []
+    for flag, path in (("--student", a.student), ("--teacher", a.teacher)):
+        try:
+            procs.append(AutoProcessor.from_pretrained(path))
+        except Exception as e:
+            raise UserError(f"{flag} {path}: cannot load its processor ({type(e).__name__}: {e})") from e
+    if procs[0].tokenizer.get_vocab() != procs[1].tokenizer.get_vocab():
         raise UserError(f"--teacher {a.teacher} and --student {a.student} have different vocabularies; "
                         "token-level distillation needs one tokenizer")
-    return proc, teacher, student
+    return procs[0], load_model(a.teacher, home(a), "--teacher", DTYPES[a.dtype]), load_model(a.student, home(a),
+                                                                                              "--student")
 
 
-# ---------------------------------------------------------------------------------------
-# Models and prompts: the toy's tokenizer, processor and VLM, built from code (no download)
-# ---------------------------------------------------------------------------------------
+# ---- Models and prompts: the toy's tokenizer, processor and VLM, built from code (no download) -------------------
 # The texts below are the user's turn; `encode` adds the image (and the chat template, if any). Two wordings:
 # the toy's word-level models learn a bare layout in their supervised stages, while a checkpoint with a chat
 # template (an instruction-tuned VLM, --student/--teacher) is asked in words for what kepo.py reads back.
@@ -648,6 +637,7 @@ TAGS = ["<think>", "</think>", "<answer>", "</answer>", "<hint>", "</hint>"]
 DESCRIBE_PROMPT = "describe the image"  # the base student's pretraining task
 DESCRIBE_TOKENS = 16  # the longest description is 13 words plus EOS
 WORD_SPLIT = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+TOKEN_IDS = weakref.WeakKeyDictionary()  # tokenizer -> {text: ids}
 
 
 def build_processor(extra: list[Example] = ()) -> LlavaProcessor:
@@ -692,7 +682,7 @@ def build_vlm(tok, hidden: int, layers: int) -> LlavaForConditionalGeneration:
                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
                        max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
+    config = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=IMAGE_TOKENS,
                          image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
                          vision_feature_select_strategy="full")
     return LlavaForConditionalGeneration(config)
@@ -704,9 +694,6 @@ def user_turn(proc, text: str) -> str:
         turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return proc.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
     return f"{proc.image_token} {text}"
-
-
-TOKEN_IDS = weakref.WeakKeyDictionary()  # tokenizer -> {text: ids}
 
 
 def token_ids(tok, texts: list[str]) -> list[list[int]]:
@@ -738,9 +725,7 @@ def encode(proc, examples: list[Example], texts: list[str], device, targets: lis
     return kepo.PromptBatch(enc["input_ids"].to(device), enc["attention_mask"].to(device), vision)
 
 
-# ---------------------------------------------------------------------------------------
-# Toy medical VQA: cases, images, questions, and the splits of a run
-# ---------------------------------------------------------------------------------------
+# ---- Toy medical VQA: cases, images, questions, and the splits of a run ------------------------------------------
 MODALITIES = ["ct", "dermoscopy", "fundus", "mri", "microscopy", "oct", "ultrasound", "xray"]
 ORGAN_SHAPES = {  # organ -> the ImageDraw calls that draw it (pixel coordinates)
     "brain": [("ellipse", (7, 6, 41, 42))],
@@ -867,14 +852,6 @@ def side(case: Case) -> str:
     return "left" if case.slots[0][0] < IMAGE_SIZE // 2 else "right"
 
 
-def make_case(rng: random.Random, modality: str, qtype: str, attribute: str | None) -> Case:
-    """A case that can answer `qtype`: grading and attribute need a lesion, "side" exactly one."""
-    finding = rng.choice(FINDINGS[1:] if qtype in ("grading", "attribute") else FINDINGS)
-    n = 0 if finding == "normal" else 1 if attribute == "side" else rng.randint(1, len(SLOTS) - 1)
-    return Case(modality, rng.choice(ORGANS), finding, rng.choice(list(GRADES)) if n else None,
-                tuple(rng.sample(SLOTS, n)), rng.randrange(2**31))
-
-
 def ask(rng: random.Random, case: Case, qtype: str, attribute: str | None) -> Example:
     """A multiple-choice question of `qtype` about `case`, options shuffled."""
     n = len(case.slots)
@@ -913,12 +890,16 @@ def describe_text(case: Case) -> str:
 
 def make_split(seed: int, name: str, modality: str, n: int) -> list[Example]:
     """A fixed split, the same for the same (seed, name, modality): each question's type is drawn uniformly from
-    the five, and a new case that fits it."""
+    the five, about a new case that can answer it (grading and attribute need a lesion, "side" exactly one)."""
     rng, split = random.Random(f"{seed}-{name}-{modality}"), []
     for _ in range(n):
         qtype = rng.choice(list(QUESTIONS))
         attribute = rng.choice(list(ATTRIBUTE_QUESTIONS)) if qtype == "attribute" else None
-        split.append(ask(rng, make_case(rng, modality, qtype, attribute), qtype, attribute))
+        finding = rng.choice(FINDINGS[1:] if qtype in ("grading", "attribute") else FINDINGS)
+        k = 0 if finding == "normal" else 1 if attribute == "side" else rng.randint(1, len(SLOTS) - 1)
+        case = Case(modality, rng.choice(ORGANS), finding, rng.choice(list(GRADES)) if k else None,
+                    tuple(rng.sample(SLOTS, k)), rng.randrange(2**31))
+        split.append(ask(rng, case, qtype, attribute))
     return split
 
 
@@ -976,9 +957,7 @@ def toy_data(a: Args) -> Data:
                 fingerprint="toy")
 
 
-# ---------------------------------------------------------------------------------------
-# Real data instead of the toy (--data): OmniMedVQA-style JSONL, checked before training
-# ---------------------------------------------------------------------------------------
+# ---- Real data instead of the toy (--data): OmniMedVQA-style JSONL, checked before training ----------------------
 HOLDOUT_SHARE = 0.2  # at most this share of each modality's questions is held out for evaluation
 FIELDS = {"image": str, "question": str, "options": list, "answer": str, "modality": str, "qtype": str}
 
@@ -1018,8 +997,6 @@ def image_error(path: str) -> str | None:
 
 def load_jsonl(path: str) -> list[Example]:
     """Every record of a JSONL file; the first bad one stops the run with file:line and the reason."""
-    if not os.path.isfile(path):
-        raise UserError(f"--data {path}: no such file")
     examples, numbers = [], []
     with open(path) as f:
         for number, line in enumerate(f, 1):
@@ -1045,8 +1022,7 @@ def jsonl_data(a: Args) -> Data:
     trains. The split depends on the file alone, not on --seed: the teacher, trained once per file on the rest,
     never sees a question of any seed's test set."""
     examples = load_jsonl(a.data)
-    with open(a.data, "rb") as f:
-        fingerprint = hashlib.sha1(f.read()).hexdigest()[:12]
+    fingerprint = hashlib.sha1(Path(a.data).read_bytes()).hexdigest()[:12]
     by_modality = {}
     for e in examples:
         by_modality.setdefault(e.modality, []).append(e)
@@ -1067,9 +1043,15 @@ def jsonl_data(a: Args) -> Data:
                 pool=[e for m in pool for e in pool[m]], fingerprint=fingerprint)
 
 
-# ---------------------------------------------------------------------------------------
-# Infrastructure: folders, files, cached stages, checkpoints, torchrun
-# ---------------------------------------------------------------------------------------
+# ---- Infrastructure: folders, files, cached stages, checkpoints, torchrun ----------------------------------------
+VARIANT_FLAGS = {"kdpo": ("tau",), "kepo": ("tau", "hint_mode")}  # the flags of a method beyond GRPO's
+NOT_SHAPING = ("out", "resume", "compare", "report", "log_every", "ckpt_every", "device")  # flags a rerun may change
+# Whole tensors, keyed by parameter name, on rank 0's CPU: the same file from 1 process or N, sharded or not
+WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+COLLECTIVE_MINUTES = 60  # ranks wait this long for each other at most (rank 0 writes files while the others wait)
+COUNTS_PER_STEP = ("hint_groups", "hint_written", "hint_injected")  # summed over ranks; the rest are means
+
+
 def tag(a: Args) -> str:
     """Names the run's folders: the preset, plus the data file and student checkpoint when given."""
     return "-".join([a.preset] + [Path(x.rstrip("/")).stem for x in (a.data, a.student) if x])
@@ -1086,9 +1068,6 @@ def stage_paths(a: Args) -> dict[str, str]:
         return {}
     shared, warm = os.path.join(a.out, tag(a)), os.path.join(seed_root(a), "student_init")
     return {"teacher": f"{shared}-teacher"} | ({} if a.data else {"base": f"{shared}-base"}) | {"warm-up": warm}
-
-
-VARIANT_FLAGS = {"kdpo": ("tau",), "kepo": ("tau", "hint_mode")}  # the flags of a method beyond GRPO's
 
 
 def run_name(a: Args) -> str:
@@ -1136,22 +1115,11 @@ def load_model(path: str, device, what: str, dtype=torch.float32):
                         "or check the path") from e
 
 
-def load_processor(path: str, what: str):
-    try:
-        return AutoProcessor.from_pretrained(path)
-    except Exception as e:
-        raise UserError(f"{what} {path}: cannot load its processor ({type(e).__name__}: {e})") from e
-
-
 def require_single_process(what: str):
     """Under torchrun every stage before RL must be cached, so that one process trains them."""
     if kepo.world_size() > 1:
         raise UserError(f"{what} is missing; under torchrun every stage before RL must be cached: run the same "
                         "command once without torchrun (and --shard), with --steps 0")
-
-
-# Whole tensors, keyed by parameter name, on rank 0's CPU: the same file from 1 process or N, sharded or not
-WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def save_state(path: str, model, opt, **extra) -> float:
@@ -1180,15 +1148,6 @@ def load_state(path: str, model=None, opt=None, **expect) -> dict | None:
     return state
 
 
-def save_checkpoint(run_dir: str, step: int, student, opt, settings: dict):
-    """The RL state after `step`: weights, optimizer, every rank's RNG state and the run's settings (rank 0 writes)."""
-    rng = gather((torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
-    save_state(os.path.join(run_dir, "ckpt.pt"), student, opt, step=step, rng=rng, settings=settings)
-
-
-NOT_SHAPING = ("out", "resume", "compare", "report", "log_every", "ckpt_every", "device")  # flags a rerun may change
-
-
 def run_settings(a: Args, cfg: kepo.KEPOConfig) -> dict:
     """Every setting that shapes an RL run: what its checkpoint and results record, and what a rerun must match."""
     unused = tuple(k for k in VARIANT_FLAGS["kepo"] if k not in VARIANT_FLAGS.get(a.method, ()))
@@ -1202,14 +1161,10 @@ def differences(then: dict, now: dict) -> str:
     return ", ".join(f"{k} {then.get(k)!r} then, {now.get(k)!r} now" for k in keys if then.get(k) != now.get(k))
 
 
-def run_folder(a: Args) -> str:
-    return os.path.join(seed_root(a), run_name(a))
-
-
 def finished_or_resumable(a: Args, cfg: kepo.KEPOConfig) -> dict | None:
     """The results of a finished run with these settings (reused), or None to train; refuses to mix settings
     and to overwrite an unfinished run (README, "Interrupted runs")."""
-    folder, settings = run_folder(a), run_settings(a, cfg)
+    folder, settings = os.path.join(seed_root(a), run_name(a)), run_settings(a, cfg)
     done, ckpt = os.path.join(folder, "results.json"), os.path.join(folder, "ckpt.pt")
     if os.path.exists(done):
         results = read_json(done)
@@ -1251,9 +1206,6 @@ def setup(a: Args) -> Args:
     return a
 
 
-COLLECTIVE_MINUTES = 60  # ranks wait this long for each other at most (rank 0 writes files while the others wait)
-
-
 def shard(model, device):
     """FSDP2 over every rank, in place: each block transformers keeps whole (its _no_split_modules: decoder
     and vision encoder layers), then the root. `generate` is registered as a forward, so the root's own
@@ -1285,15 +1237,11 @@ def frozen(model, a: Args):
 
 def gather(obj) -> list:
     """obj from every rank, in rank order ([obj] in a single process)."""
-    gathered = [None] * kepo.world_size()
-    if dist.is_initialized():
-        dist.all_gather_object(gathered, obj)
-    else:
-        gathered[0] = obj
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
     return gathered
-
-
-COUNTS_PER_STEP = ("hint_groups", "hint_written", "hint_injected")  # summed over ranks; the rest are means
 
 
 def reduce_metrics(m: dict) -> dict:
@@ -1305,14 +1253,15 @@ def reduce_metrics(m: dict) -> dict:
             for k in sorted(set().union(*gathered))}
 
 
-# ---------------------------------------------------------------------------------------
-# One seed: the stages, then RL and evaluation for --method (or the four, --compare)
-# ---------------------------------------------------------------------------------------
+# ---- One seed: the stages, then RL and evaluation for --method (or the four, --compare) --------------------------
+# The start line's estimate: each stage's rate on the 2-core CPU box, cpu preset (README, "Stage times"); no GPU rate
+CPU_STEPS_PER_SECOND = {"teacher": 4.8, "base": 15.2, "warm-up": 11.8}
+CPU_RL_SECONDS_PER_PROMPT = 0.032
+
+
 def main(a: Args):
     """Stages 1-3 (trained or cached), the premises, then stages 4-5 for each method; prints the table."""
     start, cfg = time.time(), kepo_config(a)
-    if a.batch_prompts % kepo.world_size():
-        raise UserError(f"--batch-prompts {a.batch_prompts} must divide among {kepo.world_size()} processes")
     runs = [replace(a, method=m) for m in (METHODS if a.compare else [a.method])] if a.steps else []
     done = {run_name(r): finished_or_resumable(r, cfg) for r in runs}  # before any work: never mixes settings
     print_start(a)
@@ -1323,7 +1272,8 @@ def main(a: Args):
     rows = dict(s.before["rows"])
     for r in runs:
         if done[run_name(r)]:
-            print(f"{run_folder(r)} finished earlier with the same settings: its results are reused")
+            print(f"{os.path.join(seed_root(r), run_name(r))} finished earlier with the same settings: "
+                  "its results are reused")
         rows[run_name(r)] = done[run_name(r)] or run_method(r, cfg, s)
     if s.master:
         summarize_seed(a, s, rows, time.time() - start)
@@ -1334,26 +1284,22 @@ def stages(a: Args, cfg: kepo.KEPOConfig) -> Stages:
     data = jsonl_data(a) if a.data else toy_data(a)
     if a.student:
         proc, teacher, student = pretrained_stages(a)
-        student_src = a.student
     else:
         proc = build_processor(data.pool + data.test if a.data else [])
         teacher = teacher_stage(a, proc, data)
         student = student_stage(a, proc, data, base_stage(a, proc, data))
-        student_src = stage_paths(a)["warm-up"]
     before = before_rl(a, cfg, proc, teacher, student, data)
     teacher = frozen(teacher, a)
     print(f"learning cliff before RL ({data.train_modality} train, G={a.group_size}, all samples wrong): "
           + ", ".join(f"{q} {v:.2f}" for q, v in before["cliff"].items()))
-    print("premises (before RL; a comparison of methods means something only where they hold):")
-    print("\n".join(md_table(["premise", "value", "target", ""], [[it["premise"], it["value"], target(it),
-                                                                 "holds" if it["holds"] else "FAILS"]
-                                                                for it in before["premises"]])))
-    return Stages(proc, teacher, student_src, data, before, master=rank() == 0)
+    print("premises (before RL; a comparison of methods means something only where they hold, ✗ where one does not):")
+    print("\n".join(premises_table({a.seed: before})))
+    return Stages(proc, teacher, a.student or stage_paths(a)["warm-up"], data, before, master=rank() == 0)
 
 
 def run_method(a: Args, cfg: kepo.KEPOConfig, s: Stages) -> dict:
     """Stages 4-5 (RL, evaluation) for one method; returns results.json, which rank 0 writes."""
-    folder, settings = run_folder(a), run_settings(a, cfg)
+    folder, settings = os.path.join(seed_root(a), run_name(a)), run_settings(a, cfg)
     os.makedirs(folder, exist_ok=True)
     print(f"stage 4: RL ({run_name(a)}) on {len(s.data.train)} {s.data.train_modality} questions, {a.steps} steps x "
           f"{a.batch_prompts} prompts x G={a.group_size}")
@@ -1363,16 +1309,14 @@ def run_method(a: Args, cfg: kepo.KEPOConfig, s: Stages) -> dict:
     res = summarize(s.data.test, correctness(student, s.proc, s.data.test, cfg, a.device), s.data)
     still, was = cliff_mask(student, s.proc, s.data.cliff, cfg, a.device), s.before["cliff_mask"]
     res["cliff_solved"] = sum(w and not n for w, n in zip(was, still)) / max(sum(was), 1)
-    phases = {k: sum(m.get(k, 0.0) for m in read_metrics(folder)) for k in PHASES}
+    metrics = read_metrics(folder)
+    phases = {k: sum(m.get(k, 0.0) for m in metrics) for k in sorted(set().union(*metrics)) if k.startswith("time/")}
     res.update(method=a.method, run=run_name(a), seed=a.seed, preset=a.preset, settings=settings, rl_seconds=rl_time,
                eval_seconds=time.time() - start, phases=phases, kepo_config=asdict(cfg))
     if s.master:
         write_json(os.path.join(folder, "results.json"), res)
         Path(folder, "ckpt.pt").unlink(missing_ok=True)  # finished: student/ holds the result
     return res
-
-
-PHASES = ["time/generate", "time/hints", "time/teacher", "time/loss_backward", "time/eval"]
 
 
 def summarize_seed(a: Args, s: Stages, rows: dict, seconds: float):
@@ -1393,12 +1337,6 @@ def summarize_seed(a: Args, s: Stages, rows: dict, seconds: float):
     print(f"\nresults in {seed_root(a)}/ ({seconds:.0f}s)")
 
 
-# Steps per second of each stage on the 2-core CPU box with the cpu preset (README, "Stage times"): the start line's
-# estimate. RL scales with the prompts per step. No GPU rates: none were measured.
-CPU_STEPS_PER_SECOND = {"teacher": 4.8, "base": 15.2, "warm-up": 11.8}
-CPU_RL_SECONDS_PER_PROMPT = 0.032
-
-
 def print_start(a: Args):
     """One line: device, preset, which stages are cached, and (on CPU) an estimate of the time."""
     cuda = a.device.startswith("cuda")
@@ -1415,9 +1353,7 @@ def print_start(a: Args):
           f"stages: {cached} | {estimate}")
 
 
-# ---------------------------------------------------------------------------------------
-# Report over seeds (--report; not part of KEPO): the README's result tables, mean ± std and paired differences
-# ---------------------------------------------------------------------------------------
+# ---- Report over seeds (--report, not part of KEPO): the README's tables, mean ± std, paired differences ---------
 # Rows in this order; the runs are what the README's loop over seeds and variants leaves under --out
 REPORT_ORDER = ["chance", "teacher", "student (before RL)", "rl-grpo", "rl-opd", "rl-kdpo", "rl-kepo", "rl-kepo-tau0",
                 "rl-kepo-tau2", "rl-kepo-always"]
@@ -1430,14 +1366,13 @@ HINT_TABLE = dict(zip(HINT_METRICS + ("cliff_solved", "rl_seconds"), (
 def collect(a: Args) -> tuple[dict[str, dict[int, dict]], dict[int, dict]]:
     """(row name -> seed -> results, in REPORT_ORDER; seed -> before-RL record) for every seed under --out."""
     found, befores = {}, {}
-    for path in sorted(glob.glob(os.path.join(a.out, f"{tag(a)}-seed*", "before_rl.json"))):
-        seed_dir = os.path.dirname(path)
-        befores[seed := int(seed_dir.rsplit("-seed", 1)[1])] = read_json(path)
+    for path in sorted(Path(a.out).glob(f"{tag(a)}-seed*/before_rl.json")):
+        befores[seed := int(path.parent.name.rsplit("-seed", 1)[1])] = read_json(path)
         for name, row in befores[seed]["rows"].items():
             found.setdefault(name, {})[seed] = row
-        for run_dir in sorted(glob.glob(os.path.join(seed_dir, "rl-*"))):
-            if os.path.exists(os.path.join(run_dir, "results.json")):
-                res, metrics = read_json(os.path.join(run_dir, "results.json")), read_metrics(run_dir)
+        for run_dir in sorted(path.parent.glob("rl-*")):
+            if (run_dir / "results.json").exists():
+                res, metrics = read_json(run_dir / "results.json"), read_metrics(run_dir)
                 res |= {k: sum(m.get(k, 0.0) for m in metrics) / len(metrics) for k in HINT_METRICS}
                 found.setdefault(res["run"], {})[seed] = res
     rank_of = lambda name: REPORT_ORDER.index(name) if name in REPORT_ORDER else len(REPORT_ORDER)  # noqa: E731
@@ -1453,15 +1388,6 @@ def over_seeds(found: dict[str, dict[int, dict]], head: list[str], keys: list[st
     """One row per run: its number of seeds, then each key's mean ± std over them."""
     return md_table(["run", "seeds", *head], [[n, str(len(rs)), *(mean_std(r[k] for r in rs.values()) for k in keys)]
                                               for n, rs in found.items()]) + [""]
-
-
-def premises_table(befores: dict[int, dict]) -> list[str]:
-    """One row per premise, one column per seed (✗: it does not hold), and the first seed's target."""
-    seeds = sorted(befores)
-    rows = [[it["premise"].split(" (")[0], *(f"{befores[s]['premises'][i]['value']:.3f}"
-                                            + ("" if befores[s]["premises"][i]["holds"] else " ✗") for s in seeds),
-             target(it)] for i, it in enumerate(befores[seeds[0]]["premises"])]
-    return md_table(["premise", *(f"seed {s}" for s in seeds), f"target (seed {seeds[0]})"], rows) + [""]
 
 
 def paired_table(found: dict[str, dict[int, dict]]) -> list[str]:
@@ -1493,9 +1419,7 @@ def report(a: Args):
     print("\n".join(lines))
 
 
-# ---------------------------------------------------------------------------------------
-# Command line: one line for a user error (exit 2) or an interruption (exit 130), never a traceback
-# ---------------------------------------------------------------------------------------
+# ---- Command line: one line for a user error (exit 2) or an interruption (exit 130), never a traceback -----------
 def cli(a: Args):
     sys.stdout.reconfigure(line_buffering=True)  # progress reaches a redirected log as it is printed
     hf_logging.disable_progress_bar()
