@@ -1143,12 +1143,15 @@ def test_torchrun_smoke_trains_on_two_processes_and_rank0_writes(smoke, tmp_path
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2] and all(math.isfinite(m["loss"]) for m in lines)
     assert json.loads((run / "results.json").read_text())["settings"]["world_size"] == 2
-    # a checkpoint holds every rank's sampling state, so --resume continues both streams, with as many ranks
-    model = ts.load_model(str(run / "student"), "cpu", "")
+    # a checkpoint holds every rank's sampling state, so --resume continues both streams, with as many ranks: the
+    # world size is one of the settings a resume must match, and this is checked before any work
+    a = replace(ts.Args(**ts.PRESETS["smoke"], preset="smoke", out=str(tmp_path), device="cpu"), steps=2, resume=True)
+    (run / "results.json").unlink()
+    model, settings = ts.load_model(str(run / "student"), "cpu", ""), ts.run_settings(a, ts.kepo_config(a))
     ts.save_state(str(run / "ckpt.pt"), model, torch.optim.AdamW(model.parameters()), step=1,
-                  rng=[(torch.get_rng_state(), [])] * 2)
-    with pytest.raises(ts.UserError, match="written by 2 processes"):
-        ts.rl_start(ts.Args(resume=True, device="cpu"), str(run), str(run / "student"))
+                  rng=[(torch.get_rng_state(), [])] * 2, settings=settings | {"world_size": 2})
+    with pytest.raises(ts.UserError, match="world_size 2 then, 1 now"):
+        ts.finished_or_resumable(a, ts.kepo_config(a))
 
 
 def test_sharded_smoke_run_trains_saves_resumes_and_reloads(smoke, tmp_path):
