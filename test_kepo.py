@@ -1119,6 +1119,35 @@ def test_report_aggregates_the_smoke_run(smoke):
     assert "cliff prompts solved after RL" in table
 
 
+def test_report_numbers_by_hand(tmp_path):
+    """--report over two hand-made seeds: mean ± std over seeds, KEPO minus GRPO seed by seed, premise marks."""
+    ood = {1: {"rl-grpo": 0.30, "rl-kepo": 0.40}, 2: {"rl-grpo": 0.50, "rl-kepo": 0.45}}
+    for seed, runs in ood.items():
+        premise = {"premise": "warm student OOD accuracy", "value": 0.3 * seed, "min": 0.4, "max": None,
+                   "holds": seed == 2}
+        before = {"rows": {"chance": {"mri": 0.25, "ct": 0.25, "q/anatomy": 0.25, "ID": 0.25, "OOD": 0.25}},
+                  "premises": [premise], "key": {"train_modality": "mri"}}
+        (tmp_path / f"smoke-seed{seed}").mkdir()
+        (tmp_path / f"smoke-seed{seed}" / "before_rl.json").write_text(json.dumps(before))
+        for name, value in runs.items():
+            (tmp_path / f"smoke-seed{seed}" / name).mkdir()
+            res = {"run": name, "mri": 0.5, "ct": value, "q/anatomy": 0.5, "ID": 0.5, "OOD": value,
+                   "cliff_solved": 0.5, "rl_seconds": 10.0 * seed}
+            (tmp_path / f"smoke-seed{seed}" / name / "results.json").write_text(json.dumps(res))
+            steps = [{"step": 1, "hint_groups": 1.0}, {"step": 2, "hint_groups": 3.0 * seed}]
+            (tmp_path / f"smoke-seed{seed}" / name / "metrics.jsonl").write_text(
+                "".join(json.dumps(m) + "\n" for m in steps))
+    ts.report(ts.Args(preset="smoke", out=str(tmp_path)))
+    table = (tmp_path / "smoke-report.md").read_text()
+    # OOD differences +0.10 and -0.05: mean 0.025, sample std sqrt(2 * 0.075^2) = 0.106, KEPO ahead on 1 of 2
+    assert "| kepo - grpo | 0.025 ± 0.106 | 1/2 | 0.000 ± 0.000 | 0/2 |" in table
+    # columns mri, ct, ID, OOD
+    assert "| rl-kepo | 2 | 0.500 ± 0.000 | 0.425 ± 0.035 | 0.500 ± 0.000 | 0.425 ± 0.035 |" in table
+    # triggered groups per step: seed 1 (1 + 3) / 2 = 2, seed 2 (1 + 6) / 2 = 3.5; RL seconds 10 and 20
+    assert re.search(r"\| rl-grpo \| 2 \| 2\.750 ± 1\.061 \|.*\| 15\.000 ± 7\.071 \|", table)
+    assert "| warm student OOD accuracy | 0.300 ✗ | 0.600 | >= 0.40 |" in table
+
+
 def test_compare_runs_every_method_from_one_student(smoke, tmp_path):
     shutil.copytree(smoke[0], tmp_path, dirs_exist_ok=True)
     out = tmp_path
@@ -1282,6 +1311,7 @@ def test_a_chat_checkpoint_is_asked_in_words(tmp_path):
     (["--student", "."], "--student and --teacher go together"),
     (["--data", "missing.jsonl"], "--data missing.jsonl: no such file"),
     (["--shard"], "--shard needs torchrun with 2 or more processes"),
+    (["--device", "tpu"], "--device tpu: auto, cpu, cuda\\[:N\\]"),
     pytest.param(["--device", "cuda"], "--device cuda: .* sees no CUDA GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
 ])
@@ -1291,6 +1321,13 @@ def test_bad_flags_are_refused_in_one_line_before_any_work(tmp_path, flags, mess
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert lines[-1].startswith("train_small.py: error: ") and re.search(message, lines[-1]), lines
     assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_batch_prompts_must_divide_among_torchrun_processes(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun sets it, before the flags are checked
+    a = replace(ts.Args(**ts.PRESETS["smoke"]), batch_prompts=4)
+    assert ts.check_args(a) == "--batch-prompts 4 must divide among 3 processes"
+    assert ts.check_args(replace(a, batch_prompts=6)) is None
 
 
 def write_jsonl(folder, per_modality=12):
