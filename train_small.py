@@ -1397,8 +1397,8 @@ def paired_table(found: dict[str, dict[int, dict]]) -> list[str]:
         seeds = sorted(set(found.get("rl-kepo", {})) & set(found.get(other, {})))
         if seeds:
             diffs = [[found["rl-kepo"][s][col] - found[other][s][col] for s in seeds] for col in ("OOD", "ID")]
-            rows.append([f"kepo - {other[3:]}", *(x for d in diffs for x in (mean_std(d), f"{sum(v > 0 for v in d)}/"
-                                                                                          f"{len(d)}"))])
+            wins = [f"{sum(d > 0 for d in col)}/{len(col)}" for col in diffs]
+            rows.append([f"kepo - {other[3:]}", mean_std(diffs[0]), wins[0], mean_std(diffs[1]), wins[1]])
     return md_table(["paired difference", "OOD", "seeds > 0", "ID", "seeds > 0"], rows) + [""]
 
 
