@@ -9,9 +9,9 @@
 
 Stages, cached under --out: 1 a teacher that knows the task on every modality
 and writes hints; 2 a base student pretrained to describe images of every
-modality (a pretrained VLM's stand-in); 3 its warm-up on train-modality
-questions, then the premises; 4 RL with kepo.kepo_step; 5 greedy evaluation on
-every modality, chance beside it. Simplified: tiny LLaVAs built from configs,
+modality (a pretrained VLM's stand-in); 3 its warm-up on questions, mostly of
+the train modality, with a position bias that makes the learning cliff; the
+premises; 4 RL with kepo.kepo_step; 5 greedy evaluation on every modality. Simplified: tiny LLaVAs built from configs,
 a word-level tokenizer, 48x48 images drawn with pillow, options listed as
 `ct a , mri b` (the letter after its option: a copy a 2-layer model learns).
 One process: for several GPUs, call kepo.kepo_step from a DDP or FSDP2 trainer.
@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import string
 import sys
@@ -58,18 +59,16 @@ class Args:
     batch_prompts: int = arg(64, "B, prompts per RL step")
     lr: float = arg(3e-4, "RL learning rate, the same for every method")
     train_modality: str = arg("mri", "RL's modality; evaluation covers all")
-    eval_every: int = arg(25, "RL steps between points of the OOD curve")
-    ckpt_every: int = arg(25, "RL steps between checkpoints")
+    eval_every: int = arg(25, "RL steps between OOD-curve points and checkpoints")
     data: str = arg("", "OmniMedVQA-style JSONL, with --student (else: toy)")
     n_train: int = arg(600, "RL training questions")
     n_test: int = arg(200, "held-out questions per modality")
     n_cliff: int = arg(192, "train prompts the cliff is measured on")
-    n_eval_curve: int = arg(24, "questions per modality in the OOD curve")
     student: str = arg("", "local VLM checkpoint to train, with --teacher")
     teacher: str = arg("", "local VLM checkpoint, with --student")
     teacher_width: int = arg(128, "toy teacher: hidden size")
     teacher_layers: int = arg(2, "toy teacher: layers")
-    teacher_steps: int = arg(4500, "teacher SFT steps")
+    teacher_steps: int = arg(7000, "teacher SFT steps")
     teacher_lr: float = arg(1e-3, "teacher SFT learning rate")
     n_pool: int = arg(1500, "teacher and base images per modality")
     student_width: int = arg(48, "toy student: hidden size")
@@ -77,17 +76,17 @@ class Args:
     sft_lr: float = arg(1e-3, "base and warm-up learning rate")
     sft_batch: int = arg(64, "batch size of the supervised stages")
     base_steps: int = arg(1000, "base student pretraining steps")
-    warm_steps: int = arg(800, "student warm-up steps")
+    warm_steps: int = arg(2400, "student warm-up steps")
     n_warm: int = arg(1000, "warm-up questions")
 
 PRESETS = {"default": {},
-           "cpu": dict(batch_prompts=16, n_eval_curve=12, ckpt_every=50),
+           "cpu": dict(batch_prompts=16),
            # tiny models, high learning rates: every RL step has a reward
            # spread, gated rows and a gradient (CI checks), in seconds
            "smoke": dict(teacher_steps=40, base_steps=10, warm_steps=40, steps=6,
                          teacher_lr=1e-2, sft_lr=1e-2, sft_batch=16, batch_prompts=4,
                          n_pool=8, n_train=16, n_warm=16, n_test=4, n_cliff=8,
-                         eval_every=3, n_eval_curve=2, ckpt_every=2, student_width=32,
+                         eval_every=2, student_width=32,
                          student_layers=1, teacher_width=48, teacher_layers=1)}
 METHODS = ["grpo", "opd", "kdpo", "kepo"]
 CHOICES = {"preset": list(PRESETS), "method": METHODS, "dtype": ["fp32", "bf16"],
@@ -186,16 +185,7 @@ def rl(a: Args, cfg, s: Stages, folder: Path, settings: dict):
     ref.requires_grad_(False)  # the reference of the `kl` metric
     student = load_model(s.student_src, a.device, "the warm student")
     opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.0)
-    start, ckpt = 0, folder / "ckpt.pt"
-    torch.manual_seed(a.seed)
-    if a.resume and ckpt.exists():  # its settings were checked at the start
-        state = load_checkpoint(ckpt)
-        student.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"][0])  # a resumed run samples alike
-        torch.cuda.set_rng_state_all(state["rng"][1])
-        start = state["step"]
-        print(f"resumed {folder} at step {start}")
+    start, ckpt = resume(a, folder / "ckpt.pt", student, opt), folder / "ckpt.pt"
     kept = "".join(json.dumps(m) + "\n" for m in read_metrics(folder) if m["step"] <= start)
     write_atomically(folder / "metrics.jsonl", lambda p: Path(p).write_text(kept))
     t0 = shown = time.time()
@@ -216,7 +206,7 @@ def rl(a: Args, cfg, s: Stages, folder: Path, settings: dict):
             print(f"  step {step:4d}/{a.steps} reward {m['reward']:.2f} acc "
                   f"{m['sample_accuracy']:.2f} cliff {m['cliff_groups']:.2f} gate "
                   f"{m['gate_frac']:.2f} | {rate:.2f} steps/s ETA {(a.steps - step) / rate:.0f}s")
-        if step % a.ckpt_every == 0:
+        if step % a.eval_every == 0:
             state = {"model": student.state_dict(), "optimizer": opt.state_dict(),
                      "rng": [torch.get_rng_state(), torch.cuda.get_rng_state_all()],
                      "step": step, "settings": settings}
@@ -226,8 +216,24 @@ def rl(a: Args, cfg, s: Stages, folder: Path, settings: dict):
     return student
 
 
+def resume(a: Args, ckpt: Path, student, opt):
+    """The last finished step: the checkpoint's with --resume (its settings were
+    checked at the start), with the RNG, so that a resumed run samples alike."""
+    torch.manual_seed(a.seed)
+    if not (a.resume and ckpt.exists()):
+        return 0
+    state = load_checkpoint(ckpt)
+    student.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"][0])
+    torch.cuda.set_rng_state_all(state["rng"][1])
+    print(f"resumed {ckpt.parent} at step {state['step']}")
+    return state["step"]
+
+
 # ---- Stage 5 and the premises: greedy accuracy, chance, the cliff ----
 EVAL_BATCH = 256  # rows per generate call in evaluation
+CURVE_SHARE = 0.25  # of each modality's test questions make the OOD curve
 # The premises, measured before RL; the toy is calibrated on these alone
 TEACHER_MIN_QTYPE = 0.90  # teacher accuracy, every question type
 TEACHER_MIN_MODALITY = 0.85  # teacher accuracy, every modality
@@ -253,6 +259,27 @@ def correctness(model, proc, examples, cfg, device, n=1, greedy=True):
     out = completions(model, proc, examples, texts, cfg, device, n, greedy)
     return kepo.accuracy_reward(out, [e.answer for e in examples for _ in range(n)])
 
+THINK_RE = re.compile(r"<think>(.*)</think>\s*<answer>(.*)</answer>", re.S)
+
+def coherent(examples, texts):
+    """[N] 1.0 where the reasoning agrees with the answer (the toy's form,
+    `<think> size large c </think> <answer> c </answer>`): well formatted, the
+    think's letter is the answer's, and its option is the evidence's value."""
+    def agree(e, text):
+        m = THINK_RE.fullmatch(text.strip()) if kepo.format_reward([text])[0] else None
+        words = m[1].split() if m else []
+        return len(words) >= 2 and words[-1] == m[2].strip() and words[-1] in ABC[
+            :len(e.options)] and e.options[ABC.index(words[-1])] == words[-2]
+    return torch.tensor([float(agree(e, t)) for e, t in zip(examples, texts)])
+
+def evaluate(model, proc, data: Data, cfg, device):
+    """Greedy accuracy on the test set (see summarize) and the coherent share."""
+    texts = completions(model, proc, data.test, [prompt_text(e, chat(proc)) for e in data.test],
+                        cfg, device)
+    res = summarize(data.test, kepo.accuracy_reward(texts, [e.answer for e in data.test]), data)
+    coherence = summarize(data.test, coherent(data.test, texts), data)
+    return res | {"coherence/ID": coherence["ID"], "coherence/OOD": coherence["OOD"]}
+
 def summarize(examples, correct, data: Data):
     """Accuracy per modality and question type; ID, and the OOD mean."""
     def mean(keep):
@@ -275,7 +302,7 @@ def premises(rows, cliff, described):
     t, s, c = rows["teacher"], rows["student (before RL)"], rows["chance"]
     qtypes = [k for k in t if k.startswith("q/")]
     q = min(qtypes, key=t.get)
-    m = min([k for k in t if k not in qtypes + ["ID", "OOD"]], key=t.get)
+    m = min([k for k in t if "/" not in k and k not in ("ID", "OOD")], key=t.get)
     items = [(f"teacher accuracy, worst question type ({q[2:]})", t[q], TEACHER_MIN_QTYPE, None),
              (f"teacher accuracy, worst modality ({m})", t[m], TEACHER_MIN_MODALITY, None),
              ("warm student OOD accuracy", s["OOD"], c["OOD"] + ROOM, t["OOD"] - ROOM),
@@ -307,8 +334,7 @@ def before_rl(a: Args, cfg, proc, teacher, student, data: Data, key: dict):
     guess = torch.tensor([1 / len(e.options) for e in data.test])  # chance
     rows = {"chance": summarize(data.test, guess, data)}
     for name, model in (("teacher", teacher), ("student (before RL)", student)):
-        rows[name] = summarize(data.test, correctness(model, proc, data.test, cfg,
-                                                      a.device), data)
+        rows[name] = evaluate(model, proc, data, cfg, a.device)
     described, base = None, stage_paths(a).get("base")
     if base:  # per modality, the share of descriptions that name the organ
         texts = completions(load_model(base, a.device, "the base stage"), proc, data.test,
@@ -334,6 +360,8 @@ def md_table(head, rows):
 HINT_SHARE = 0.25  # of the teacher's prompts ask for a hint given the answer
 HINTED_SHARE = 0.3  # of the warm-up prompts carry the hint: learn to use one
 REPLAY_SHARE = 0.5  # of each warm-up batch replays the describe task
+MODALITY_SHARE = 0.2  # of the warm-up questions ask any modality's image its modality
+BIASED = ("grading", "attribute")  # the warm-up lists their answer first (see warmup_batch)
 MAX_GRAD_NORM = 1.0  # clipping in the supervised stages
 PRETRAIN_SEED = 0  # teacher and base stand for released checkpoints
 
@@ -358,7 +386,8 @@ def supervised_stages(a: Args, proc, data: Data):
         return model
     config = stage_config(a, size, a.warm_steps, a.sft_lr) | {
         "n_warm": a.n_warm, "modality": data.train_modality, "base": base,
-        "frozen": "vision_tower", "replay": REPLAY_SHARE}
+        "frozen": "vision_tower", "replay": REPLAY_SHARE, "modality_share": MODALITY_SHARE,
+        "hinted": HINTED_SHARE, "biased": BIASED}
     student = sft_stage(a, paths["warm-up"], proc, init, partial(
         warmup_batch, warm_set=data.warm, pool=data.pool), a.seed + 1, config,
         f"stage 3: student warm-up on {data.train_modality} questions")
@@ -417,12 +446,26 @@ def describe_batch(rng, n, pool):
     return exs, [DESCRIBE_PROMPT] * n, [describe_text(e.case) for e in exs]
 
 def warmup_batch(rng, n, warm_set, pool):
-    """Train-modality questions, some with their hint; describe replayed."""
-    exs = [rng.choice(warm_set) for _ in range(n - int(n * REPLAY_SHARE))]
-    prompts = [hinted_text(e, e.evidence) if rng.random() < HINTED_SHARE
-               else prompt_text(e) for e in exs]
-    replay = describe_batch(rng, int(n * REPLAY_SHARE), pool)
+    """Train-modality questions, some with their hint, and modality questions
+    about every modality (an answer that cannot collapse to the train
+    modality); the describe task replayed. The BIASED types list their answer
+    first, as instruction data with a position bias would: the warm student
+    learns "answer a" for them, confidently wrong once options are shuffled
+    (the learning cliff), while its evidence stays right."""
+    n_replay = int(n * REPLAY_SHARE)
+    n_modality = int((n - n_replay) * MODALITY_SHARE)
+    exs = [rng.choice(warm_set) for _ in range(n - n_replay - n_modality)]
+    exs += [replace(ask(rng, e.case, "modality", None), pixels=e.pixels)
+            for e in [rng.choice(pool) for _ in range(n_modality)]]
+    hinted = [rng.random() < HINTED_SHARE for _ in exs]
+    exs = [e if h or e.qtype not in BIASED else answer_first(e) for e, h in zip(exs, hinted)]
+    prompts = [hinted_text(e, e.evidence) if h else prompt_text(e) for e, h in zip(exs, hinted)]
+    replay = describe_batch(rng, n_replay, pool)
     return exs + replay[0], prompts + replay[1], [answer_text(e) for e in exs] + replay[2]
+
+def answer_first(e):
+    others = [o for o in e.options if o != e.truth]
+    return replace(e, options=(e.truth, *others), answer="a")
 
 def checkpoints(a: Args):
     """--student/--teacher for stages 1-3: (processor, teacher, student)."""
@@ -760,6 +803,12 @@ class Data:
     pool: list  # the teacher's and base's images, every modality
     fingerprint: str  # names the data in the stages' records
 
+def curve(test, n_test):
+    """The OOD curve's questions: the first CURVE_SHARE of each modality's test set."""
+    k = max(1, int(n_test * CURVE_SHARE))
+    return [e for m in dict.fromkeys(e.modality for e in test)
+            for e in [f for f in test if f.modality == m][:k]]
+
 def toy_data(a: Args):
     """The toy's splits for a.seed (the pool: seed 0). Pixels are drawn for
     the toy's models; a checkpoint's processor draws per batch."""
@@ -769,11 +818,11 @@ def toy_data(a: Args):
     def split(name, modalities, n, seed=a.seed):
         exs = [e for m in modalities for e in make_split(seed, name, m, n)]
         return exs if a.student else with_pixels(exs)
-    train = split("train", [a.train_modality], a.n_train)
+    train, test = split("train", [a.train_modality], a.n_train), split("test", MODALITIES, a.n_test)
     pool = [] if a.student else split("pool", MODALITIES, a.n_pool, PRETRAIN_SEED)
     return Data(MODALITIES, list(QUESTIONS), a.train_modality, train,
-                split("warm", [a.train_modality], a.n_warm), split("test", MODALITIES, a.n_test),
-                split("curve", MODALITIES, a.n_eval_curve), train[:a.n_cliff], pool, "toy")
+                split("warm", [a.train_modality], a.n_warm), test, curve(test, a.n_test),
+                train[:a.n_cliff], pool, "toy")
 
 
 # ---- Your own data (--data): OmniMedVQA-style JSONL, checked first ----
@@ -821,7 +870,7 @@ def jsonl_data(a: Args):
         raise UserError(f"{a.data}: {len(train)} --train-modality {a.train_modality} "
                         "questions to train on, fewer than --batch-prompts")
     return Data(list(test), sorted({e.qtype for e in examples}), a.train_modality, train,
-                [], sum(test.values(), []), [e for t in test.values() for e in t[:a.n_eval_curve]],
+                [], sum(test.values(), []), curve(sum(test.values(), []), a.n_test),
                 train[:a.n_cliff], [], fingerprint)
 
 
@@ -900,7 +949,7 @@ def load_checkpoint(path):
 def run_settings(a: Args, cfg, key):
     """All that shapes an RL run, the stages' records too: reruns match it."""
     unused = ("hint_mode",) * (a.method != "kepo") + ("tau",) * (a.method in ("grpo", "opd"))
-    skip = unused + ("out", "resume", "compare", "ckpt_every", "device")
+    skip = unused + ("out", "resume", "compare", "device")
     return as_json({k: v for k, v in asdict(a).items() if k not in skip} | {
         "kepo": {k: v for k, v in asdict(cfg).items() if k not in unused}, "stages": key})
 
@@ -980,8 +1029,7 @@ def run_method(a: Args, cfg, s: Stages):
           f"questions, {a.steps} steps x {a.batch_prompts} prompts x G={a.group_size}")
     start = time.time()
     student = rl(a, cfg, s, folder, settings)
-    hits = correctness(student, s.proc, s.data.test, cfg, a.device)
-    res = summarize(s.data.test, hits, s.data) | {"rl_seconds": time.time() - start}
+    res = evaluate(student, s.proc, s.data, cfg, a.device) | {"rl_seconds": time.time() - start}
     still, was = cliff_mask(student, s.proc, s.data.cliff, cfg, a.device), s.before["cliff_mask"]
     res["cliff_solved"] = sum(w and not n for w, n in zip(was, still)) / max(sum(was), 1)
     write_json(folder / "results.json", res | {"run": run_name(a), "settings": settings})
@@ -1007,7 +1055,7 @@ def cli(a: Args):
         print(f"train_small.py: error: {why}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished stages and RL checkpoints (every --ckpt-every "
+        print(f"\ninterrupted: finished stages and RL checkpoints (every --eval-every "
               f"steps) are kept under {a.out}/; rerun the same command to continue "
               "(with --resume for RL)", file=sys.stderr)
         sys.exit(130)
