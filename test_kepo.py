@@ -703,11 +703,13 @@ def test_killed_run_resumes_exactly_and_never_mixes_settings(smoke, tmp_path):
     resumed = run_script(*flags, "--resume")
     assert resumed.returncode == 0 and "resumed" in resumed.stdout, resumed.stderr[-3000:]
     assert metrics(out) == metrics(smoke[0]) and not ckpt.exists()
-    assert "reused" in run_script(*flags).stdout
-    assert refused(run_script(*flags, "--max-new-tokens", "20"), "max_new_tokens 12 then, 20 now")
-    a = ts.Args(**ts.PRESETS["smoke"], method="grpo")  # the gate does not shape grpo:
-    cfg = kepo.KEPOConfig()
-    assert ts.run_settings(a, cfg, {}) == ts.run_settings(replace(a, tau=2.0), cfg, {})
+    a, cfg = ts.Args(**ts.PRESETS["smoke"], out=str(out)), kepo.KEPOConfig()
+    settings = json.loads((ckpt.parent / "results.json").read_text())["settings"]
+    assert ts.finished_or_resumable(a, ckpt.parent, settings)["settings"] == settings  # reused
+    with pytest.raises(ts.UserError, match="finished with other settings .*lr 0.0003 then, 0.1 now"):
+        ts.finished_or_resumable(a, ckpt.parent, settings | {"lr": 0.1})
+    grpo = replace(a, method="grpo")  # the gate does not shape grpo
+    assert ts.run_settings(grpo, cfg, {}) == ts.run_settings(replace(grpo, tau=2.0), cfg, {})
 
 def test_a_rebuilt_warm_up_gives_a_fresh_folders_premises(smoke, tmp_path):
     old = copy_of(smoke, tmp_path / "old")
@@ -746,7 +748,9 @@ def test_bad_flags_are_refused_in_one_line_before_any_work(tmp_path, flags, mess
     assert not list((tmp_path / "runs").glob("*"))  # nothing was trained or written
 
 def full_disk(path):
-    raise RuntimeError("unexpected pos 210688 vs 210576")  # torch.save's word for it
+    with open(path, "w") as f:  # torch.save writes until the disk is full
+        f.write("the first bytes")
+    raise RuntimeError("unexpected pos 210688 vs 210576")  # and says so in these words
 
 def test_damaged_files_are_named_and_never_trusted_and_a_full_disk_says_so(smoke, tmp_path,
                                                                            monkeypatch):
@@ -754,10 +758,12 @@ def test_damaged_files_are_named_and_never_trusted_and_a_full_disk_says_so(smoke
     root, stage = out / "smoke-seed1", out / "smoke-teacher"
     for path in (root / "before_rl.json", stage / "stage.json", root / "rl-kepo" / "results.json"):
         path.write_text(path.read_text()[:20])  # truncated
-        assert refused(run_script(*SMOKE, "--out", str(out)), f"{path} is damaged")
-        shutil.copy(smoke[0] / path.relative_to(out), path)
+        with pytest.raises(ts.UserError, match=f"{path} is damaged"):
+            ts.read_json(path)
+    assert refused(run_script(*SMOKE, "--out", str(out)), f"{stage / 'stage.json'} is damaged")
     (stage / "model.safetensors").write_bytes(b"not a model")
-    assert refused(run_script(*SMOKE, "--out", str(out)), f"{stage} cannot be loaded")
+    with pytest.raises(ts.UserError, match=f"{stage} cannot be loaded"):
+        ts.load_model(stage, "cpu", "cached stage")
     (root / "rl-kepo" / "metrics.jsonl").write_text("{")
     with pytest.raises(ts.UserError, match="metrics.jsonl is damaged"):
         ts.read_metrics(root / "rl-kepo")
@@ -847,7 +853,7 @@ def test_report_by_hand(tmp_path):
     text = (tmp_path / "cpu-report.md").read_text()
     assert "| cliff | 0.100 ✗ | 0.200 |" in text
     # OOD: +0.10 and -0.05 -> 0.025 ± sqrt(2 * 0.075^2) = 0.106, KEPO ahead on 1 of 2
-    assert "| rl-grpo | 0.025 ± 0.106 | 1/2 | 0.000 ± 0.000 | 0/2 |" in text
+    assert "| rl-grpo | 0.025 ± 0.106 | 1/2 | 0.000 ± 0.000 | 0/2 | 0.000 ± 0.000 | 0/2 |" in text
     assert "| rl-kepo | 0.425 ± 0.035 | 0.035 | 0.250 ± 0.071 |" in text  # drops 0.3 and 0.2
 
 
@@ -892,6 +898,11 @@ def test_a_jsonl_image_cut_short_or_a_line_not_utf8_names_file_and_line(tmp_path
     assert jsonl_error(path).startswith(f"{path}:4: ")
     path.write_bytes(path.read_bytes().replace(b"what", b"wh\xe4t", 1))
     assert jsonl_error(path) == f"{path}:1: not UTF-8"
+    for ckpt in ("s", "t"):  # the data are read before the checkpoints
+        (tmp_path / ckpt).mkdir()
+        (tmp_path / ckpt / "config.json").write_text("{}")
+    proc = run_script("--data", str(path), "--student", "s", "--teacher", "t", cwd=tmp_path)
+    assert refused(proc, f"^train_small.py: error: {path}:1: not UTF-8$")
 
 def test_a_jsonl_test_question_is_never_trained_on_whatever_the_seed(tmp_path):
     path, _ = write_jsonl(tmp_path)

@@ -22,6 +22,8 @@ from pathlib import Path
 RUNS = ["rl-grpo", "rl-opd", "rl-kdpo", "rl-kepo", "rl-kepo-tau0", "rl-kepo-tau2",
         "rl-kepo-always"]
 BASELINES = ["rl-grpo", "rl-opd", "rl-kdpo"]
+PAIRED = {"OOD": "OOD", "ID": "ID", "max_drop": "largest OOD drop",
+          "coherence/OOD": "coherence OOD", "coherence/ID": "coherence ID"}
 PANELS = {"reward": "training reward", "cliff_groups": "groups with every sample wrong",
           "gate_frac": "gate fraction", "distill_loss": "distillation loss",
           "eval/OOD": "OOD accuracy (curve subset)"}
@@ -34,13 +36,18 @@ def max_drop(values):
         drop = max(drop, best - v)
     return drop
 
+def spread(values):
+    values = list(values)
+    return f"{statistics.stdev(values):.3f}" if len(values) > 1 else ""
+
 def mean_std(values):
     values = list(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.3f} ± {std:.3f}"
 
 def collect(out, preset):
-    """({seed: before_rl}, {run: {seed: results with the per-run measures}}, {run: {seed: metrics}})."""
+    """({seed: before_rl}, {run: {seed: results with the per-run measures}},
+    {run: {seed: metrics}})."""
     befores, runs, curves = {}, {}, {}
     for path in sorted(Path(out).glob(f"{preset}-seed*/before_rl.json")):
         seed = int(path.parent.name.rsplit("-seed", 1)[1])
@@ -63,10 +70,12 @@ def table(head, rows):
         f"| {' | '.join(map(str, r))} |" for r in rows] + [""]
 
 def paired(runs, key, other, run="rl-kepo"):
-    """KEPO minus `other` seed by seed on `key`: (mean ± std, seeds where KEPO is ahead)."""
+    """KEPO minus `other` seed by seed on `key`: (mean ± std, seeds where KEPO is better:
+    higher, or lower for a drop)."""
     seeds = sorted(set(runs.get(run, {})) & set(runs.get(other, {})))
     diffs = [runs[run][s][key] - runs[other][s][key] for s in seeds]
-    return (mean_std(diffs), f"{sum(d > 0 for d in diffs)}/{len(diffs)}") if diffs else ("", "")
+    better = sum(d < 0 if key == "max_drop" else d > 0 for d in diffs)
+    return (mean_std(diffs), f"{better}/{len(diffs)}") if diffs else ("", "")
 
 def report(out, preset):
     befores, runs, curves = collect(out, preset)
@@ -82,22 +91,23 @@ def report(out, preset):
     rows |= runs
     columns = [k for k in first["rows"]["chance"] if "/" not in k]
     lines += table(["run", "seeds", *columns], [
-        [n, len(r), *(mean_std(x[c] for x in r.values()) for c in columns)] for n, r in rows.items()])
+        [n, len(r), *(mean_std(x[c] for x in r.values()) for c in columns)]
+        for n, r in rows.items()])
     qtypes = [k for k in first["rows"]["chance"] if k.startswith("q/")]
     lines += table(["run", *(q[2:] for q in qtypes)], [
         [n, *(mean_std(x[q] for x in r.values()) for q in qtypes)] for n, r in rows.items()])
-    claims = ["OOD", "max_drop", "coherence/OOD", "coherence/ID"]
-    lines += table(["run", "OOD", "spread of final OOD", "largest OOD drop", "coherence OOD",
-                    "coherence ID"], [[n, mean_std(x["OOD"] for x in r.values()),
-                                       f"{statistics.stdev(x['OOD'] for x in r.values()):.3f}"
-                                       if len(r) > 1 else "", *(mean_std(x[k] for x in r.values())
-                                                                for k in claims[1:])]
-                                      for n, r in rows.items() if n.startswith("rl-") or
-                                      "coherence/OOD" in next(iter(r.values()))])
-    lines += table(["KEPO minus", *(f"{k} ({w})" for k in ("OOD", "ID", "largest OOD drop",
-                                                          "coherence OOD") for w in ("mean ± std", "KEPO ahead"))],
-                   [[o, *(v for k in ("OOD", "ID", "max_drop", "coherence/OOD")
-                          for v in paired(runs, k, o))] for o in BASELINES])
+    methods = {n: r for n, r in rows.items()
+               if n.startswith("rl-") or n == "student (before RL)"}
+    claims = ("max_drop", "coherence/OOD", "coherence/ID")
+    lines += table(["run", "OOD", "spread of final OOD", "largest OOD drop",
+                    "coherence OOD", "coherence ID"], [
+        [n, mean_std(x["OOD"] for x in r.values()), spread(x["OOD"] for x in r.values()),
+         *(mean_std(x.get(k, 0.0) for x in r.values()) for k in claims)]
+        for n, r in methods.items()])
+    lines += table(["KEPO minus", *(f"{name}: {w}" for name in PAIRED.values()
+                                    for w in ("mean ± std", "KEPO better"))],
+                   [[o, *(v for k in PAIRED for v in paired(runs, k, o))]
+                    for o in BASELINES])
     lines += table(["run", "gate fraction", "all-wrong groups / step", "groups hinted / step",
                     "injected / step", "cliff prompts solved"], [
         [n, *(mean_std(x[k] for x in r.values()) for k in (
@@ -107,8 +117,9 @@ def report(out, preset):
     print("\n".join(lines))
     figure(curves, Path(out, f"{preset}-curves.png"))
 
-def figure(curves, path):
-    """One panel per PANELS key: each run's mean over seeds against the RL step."""
+def figure(curves, path, window=10):
+    """One panel per PANELS key: each run's mean over seeds against the RL step, the
+    per-step metrics smoothed over `window` steps (the OOD curve is not)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -116,20 +127,25 @@ def figure(curves, path):
     except ImportError:
         print("matplotlib is not installed: no figure")
         return
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))
-    for ax, (key, title) in zip(axes, PANELS.items()):
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.4))
+    for ax, (key, title) in zip(axes.flat, PANELS.items()):
         for run, by_seed in curves.items():
             if run.count("-") > 1:
                 continue  # the ablations stay in the tables
             steps = sorted({m["step"] for ms in by_seed.values() for m in ms if key in m})
             mean = [statistics.mean(m[key] for ms in by_seed.values() for m in ms
                                     if m["step"] == t and key in m) for t in steps]
+            if key != "eval/OOD":
+                mean = [statistics.mean(mean[max(0, i - window + 1):i + 1])
+                        for i in range(len(mean))]
             ax.plot(steps, mean, label=run[3:])
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("RL step")
-    axes[0].legend()
+    axes.flat[-1].axis("off")
+    axes.flat[-1].legend(*axes.flat[0].get_legend_handles_labels(), loc="center", title=(
+        f"mean over {len(next(iter(curves.values())))} seeds"))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     print(f"figure: {path}")
 
 if __name__ == "__main__":
