@@ -11,9 +11,10 @@ Stages, cached under --out: 1 a teacher that knows the task on every modality
 and writes hints; 2 a base student pretrained to describe images of every
 modality (a pretrained VLM's stand-in); 3 its warm-up on questions, mostly of
 the train modality, with a position bias that makes the learning cliff; the
-premises; 4 RL with kepo.kepo_step; 5 greedy evaluation on every modality. Simplified: tiny LLaVAs built from configs,
-a word-level tokenizer, 48x48 images drawn with pillow, options listed as
-`ct a , mri b` (the letter after its option: a copy a 2-layer model learns).
+premises; 4 RL with kepo.kepo_step; 5 greedy evaluation on every modality.
+Simplified: tiny LLaVAs built from configs, a word-level tokenizer, 48x48
+images drawn with pillow, options listed as `ct a , mri b` (the letter after
+its option: a copy a 2-layer model learns).
 One process: for several GPUs, call kepo.kepo_step from a DDP or FSDP2 trainer.
 """
 from __future__ import annotations
