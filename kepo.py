@@ -150,7 +150,7 @@ def generate_rollouts(model, tokenizer, prompts: PromptBatch, n, cfg: KEPOConfig
         input_ids=rows.input_ids, attention_mask=rows.attention_mask, **rows.vision,
         max_new_tokens=max_new_tokens or cfg.max_new_tokens, eos_token_id=stops,
         pad_token_id=tokenizer.pad_token_id, synced_gpus=sharded(model),
-        suppress_tokens=suppress or None, **dict(do_sample=False) if greedy else sampling)
+        suppress_tokens=suppress or None, **(dict(do_sample=False) if greedy else sampling))
     ids = out[:, rows.input_ids.shape[1]:]
     mask = completion_mask(ids, stops)
     ids = ids.masked_fill(mask == 0, tokenizer.pad_token_id)
