@@ -13,7 +13,8 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -87,12 +88,12 @@ def answer(letter):
 
 class ScriptedVLM(torch.nn.Module):
     """A tiny LLaVA for forwards whose `generate` writes rule(row, prompt ids) instead of
-    sampling; it records each call's batch size, so tests count the work done."""
+    sampling; it records each call's batch size (calls) and settings (settings)."""
 
     def __init__(self, tok, rule, hidden=32, seed=0, logit_offset=0.0):
         super().__init__()
         self.model, self.tok, self.rule, self.calls = tiny_vlm(tok, hidden, seed), tok, rule, []
-        self.config, self.offset = self.model.config, logit_offset
+        self.config, self.offset, self.settings = self.model.config, logit_offset, []
         self.generation_config = self.model.generation_config
 
     def forward(self, **kwargs):
@@ -103,6 +104,7 @@ class ScriptedVLM(torch.nn.Module):
 
     def generate(self, input_ids, **kwargs):
         self.calls.append(("generate", len(input_ids)))
+        self.settings.append({k: v for k, v in kwargs.items() if k != "attention_mask"})
         texts = [self.rule(i, row) for i, row in enumerate(input_ids.tolist())]
         seqs = [torch.tensor(self.tok(t).input_ids + [self.tok.eos_token_id]) for t in texts]
         return torch.cat([input_ids, pad_sequence(seqs, True, self.tok.pad_token_id)], 1)
@@ -325,13 +327,14 @@ def test_advantages_clipping_and_the_gate_by_hand():
             kepo.group_advantages(r, bad)
     assert kepo.quality_gate(r[:4], 1.0).tolist() == [False, True, True, True]
     assert kepo.quality_gate(r[:4], 2.0).tolist() == [False, False, True, False]
-    logps = torch.full((2, 2), 0.5, requires_grad=True)  # ratio e^0.5 > 1 + eps
-    loss = kepo.policy_loss(logps, torch.zeros(2, 2), torch.tensor([1.0, -1.0]), torch.ones(2, 2),
-                            0.2, None, 0.0)
+    # ratios e^0.5 > 1 + eps and e^-0.5 < 1 - eps: each side clips one sign of A
+    logps = torch.tensor([0.5, 0.5, -0.5, -0.5])[:, None].repeat(1, 2).requires_grad_()
+    loss = kepo.policy_loss(logps, torch.zeros(4, 2), torch.tensor([1.0, -1.0, 1.0, -1.0]),
+                            torch.ones(4, 2), 0.2, None, 0.0)
     loss.backward()
-    assert math.isclose(loss.item(), (-1.2 + math.exp(0.5)) / 2, rel_tol=1e-6)  # A > 0 clipped
-    assert torch.equal(logps.grad[0], torch.zeros(2))
-    assert torch.allclose(logps.grad[1], torch.full((2,), math.exp(0.5) / 4))
+    up, down = math.exp(0.5), math.exp(-0.5)
+    assert math.isclose(loss.item(), (-1.2 + up - down + 0.8) / 4, rel_tol=1e-6)
+    assert torch.allclose(logps.grad.sum(1), torch.tensor([0, up, -down, 0]) / 4)
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0, 0.1])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -435,12 +438,16 @@ def test_micro_batches_give_one_pass_and_bf16_models_keep_fp32_maths(tok):
     assert bf16["distill_loss"] == pytest.approx(results[0][0]["distill_loss"], rel=0.01)
 
 def test_config_and_step_refuse_what_would_mean_something_else(tok):
-    bad = [("group_size", 1), ("num_hinted", 9), ("beta_jsd", 1.5), ("tau", 3.0), ("tau", -1.0),
-           ("tau", None), ("hint_mode", "adaptve"), ("cliff_trigger", "format"),
-           ("temperature", float("nan")), ("jsd_temperature", 0.0), ("distill_coef", -1.0),
-           ("clip_eps", -0.2), ("max_grad_norm", 0.0), ("beta_rl", float("inf")),
+    """Each field's rule refuses a finite bad value (every field has one here); NaN and inf too."""
+    bad = [("group_size", 1), ("temperature", 0.0), ("top_p", 0.0), ("top_p", 1.5),
+           ("max_new_tokens", 0), ("max_hint_tokens", 0), ("clip_eps", -0.2), ("beta_rl", -0.1),
+           ("tau", 3.0), ("tau", -1.0), ("beta_jsd", 1.5), ("jsd_temperature", 0.0),
+           ("distill_coef", 0.0), ("num_hinted", 0), ("num_hinted", 9), ("max_attempts", 0),
+           ("hint_mode", "adaptve"), ("cliff_trigger", "format"), ("max_grad_norm", 0.0),
            ("micro_batch_size", 0)]
-    for name, value in bad:
+    assert {name for name, _ in bad} == {f.name for f in fields(kepo.KEPOConfig)}
+    for name, value in bad + [("tau", None), ("temperature", float("nan")),
+                              ("beta_rl", float("inf"))]:
         with pytest.raises((ValueError, TypeError), match=f"KEPOConfig.{name}=|not supported"):
             kepo.KEPOConfig(**{name: value})
     student, teacher, prompts, hints, cfg = scripted_step(tok)
@@ -478,6 +485,68 @@ def test_kepo_step_runs_and_changes_weights(tok, device):
     assert all(math.isfinite(v) for v in m.values())
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
 
+def test_the_step_samples_with_the_configs_settings(tok):
+    """Rollouts, hints and hinted samples are drawn with the config's temperature and top_p
+    (top_k off), their token caps, the stop and suppressed ids; greedy is greedy."""
+    student, teacher, prompts, hints, cfg = scripted_step(
+        tok, temperature=0.7, top_p=0.8, max_new_tokens=9, max_hint_tokens=3)
+    step(student, tok, prompts, cfg, "kepo", teacher, None, hints)
+    sampled = dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=0, eos_token_id=[2],
+                   pad_token_id=0, synced_gpus=False,
+                   suppress_tokens=kepo.suppressed_ids(tok, student))
+    used = lambda m: [{k: s.get(k) for k in [*sampled, "max_new_tokens"]} for s in m.settings]  # noqa
+    assert used(student) == [sampled | {"max_new_tokens": 9}] * 2  # rollouts, hinted samples
+    assert used(teacher) == [sampled | {"max_new_tokens": 3}]
+    kepo.generate_rollouts(student, tok, prompts, 1, cfg, [], greedy=True)
+    assert student.settings[-1]["do_sample"] is False and "top_p" not in student.settings[-1]
+
+def test_the_step_zeroes_clips_and_applies_its_gradient(tok, monkeypatch):
+    """Each step's gradient is its own (zeroed first), clipped to max_grad_norm (grad_norm is
+    the norm before), then applied; each phase's clock starts where the last ended."""
+    clock = iter(range(100))
+    monkeypatch.setattr(kepo, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    student, teacher, prompts, hints, cfg = scripted_step(tok, max_grad_norm=1e-3)
+    runs = [kepo.kepo_step(student, torch.optim.SGD(student.parameters(), lr=lr), tok, prompts,
+                           ["B", "A"], cfg, "kepo", teacher, None, hints) | {"grad": grads(student)}
+            for lr in (0.0, 0.0)]
+    assert runs[0]["grad_norm"] == runs[1]["grad_norm"] > 1e-2
+    assert torch.equal(runs[0]["grad"], runs[1]["grad"])
+    assert torch.linalg.vector_norm(runs[1]["grad"]).item() == pytest.approx(1e-3, rel=1e-4)
+    assert all(runs[1][f"time/{k}"] == 1 for k in ("generate", "hints", "loss_backward"))
+    before = [p.detach().clone() for p in student.parameters()]
+    kepo.kepo_step(student, torch.optim.SGD(student.parameters(), lr=1.0), tok, prompts,
+                   ["B", "A"], cfg, "kepo", teacher, None, hints)
+    moved = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, student.parameters())
+                       if p.grad is not None])
+    assert torch.allclose(moved, grads(student), rtol=0, atol=1e-7) and moved.abs().max() > 1e-6
+
+def test_only_kepo_hints_adaptive_on_cliff_groups_always_on_every_group(tok):
+    """Group 0 has correct rollouts, group 1 none: "adaptive" hints group 1, "always" both;
+    no other method asks the teacher for a hint."""
+    for method in kepo.METHODS:
+        for mode, hinted in (("adaptive", 1), ("always", 2)):
+            student, teacher, prompts, hints, cfg = scripted_step(tok, ("c", "a"), hint_mode=mode)
+            m = kepo.kepo_step(student, torch.optim.SGD(student.parameters(), lr=0.0), tok,
+                               prompts, ["C", "A"], cfg, method, teacher, None, hints)
+            asked = [n for call, n in teacher.calls if call == "generate"]
+            assert asked == [hinted] * (method == "kepo")
+            assert m.get("hint_groups", 0) == hinted * (method == "kepo")
+
+def test_accepted_hinted_samples_of_different_lengths_carry_their_own_tokens(tok):
+    """Hinted samples padded to one length in their call: each keeps its own tokens (and the
+    stop id), and takes its slot with its own mask."""
+    student = ScriptedVLM(tok, lambda i, row: answer("b") + " look" * (2 * i))
+    cfg = kepo.KEPOConfig(group_size=4, num_hinted=3, max_attempts=1)
+    accepted = kepo.rejection_sample(student, tok, prompt_batch(tok, ["hint"]), ["B"], cfg, [])[0]
+    lengths = [len(tok(text).input_ids) + 1 for _, text in accepted]
+    assert [len(ids) for ids, _ in accepted] == lengths == [7, 9, 11]
+    r = rollouts_of(tok, n=4)
+    out = kepo.inject(r, torch.zeros(4), 4, {0: accepted}, pad_id=0)
+    assert out.completion_mask.sum(1)[:3].tolist() == lengths
+    assert out.completion_mask.dtype == r.completion_mask.dtype
+    assert tok.batch_decode(out.completion_ids[:3], skip_special_tokens=True) == [
+        t for _, t in accepted]
+
 
 # ---- KEPO's rules, on a scripted policy (each broken in a copy fails its test) ----
 def test_rule_injection_keeps_the_hint_free_prompt_and_rescores(tok, monkeypatch):
@@ -496,10 +565,13 @@ def test_rule_injection_keeps_the_hint_free_prompt_and_rescores(tok, monkeypatch
 def test_rule_each_correct_hinted_sample_is_accepted_on_its_own(tok):
     """K = 2 and one correct sample in each try of two: each is kept (all-or-nothing: none)."""
     student = ScriptedVLM(tok, lambda i, row: answer("b" if i % 2 == 0 else "c"))
-    for attempts, kept in ((1, 1), (2, 2)):
-        cfg = kepo.KEPOConfig(group_size=4, max_attempts=attempts, max_new_tokens=8)
+    for k, attempts, kept in ((2, 1, 1), (2, 2, 2), (3, 1, 2), (3, 2, 3)):
+        cfg = kepo.KEPOConfig(group_size=4, num_hinted=k, max_attempts=attempts)
         accepted = kepo.rejection_sample(student, tok, prompt_batch(tok, ["hint"]), ["B"], cfg, [])
         assert [text for _, text in accepted[0]] == [answer("b")] * kept
+    right = ScriptedVLM(tok, lambda i, row: answer("b"))  # done at the first try: no second
+    kepo.rejection_sample(right, tok, prompt_batch(tok, ["hint"]), ["B"], cfg, [])
+    assert right.calls == [("generate", 3)]
 
 def test_rule_injection_replaces_distinct_failed_slots_first(tok):
     """A group's K slots are distinct rows, lowest reward first; other rows are untouched."""
@@ -662,6 +734,7 @@ def test_smoke_pipeline_trains_at_every_step_and_the_student_reloads(smoke):
     assert re.search(r"\| base student names the organ, worst modality \(\w+\) \| [0-9.]+", stdout)
     before = json.loads((out / "smoke-seed1" / "before_rl.json").read_text())
     assert len(before["premises"]) == 6 and "| chance |" in stdout
+    assert "the smoke preset is too small to meet them" in stdout
     lines = metrics(out)
     assert [m["step"] for m in lines] == list(range(1, 7))
     assert all(m["grad_norm"] > 0 and m["loss"] != 0 and m["reward_std"] > 0 and m["gate_frac"] > 0
@@ -680,11 +753,14 @@ def test_readme_usage_snippet_runs_as_written(smoke, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300, env=os.environ | {"PYTHONPATH": HERE})
     assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
+    opd = next(line for line in readme.splitlines() if line.startswith("| `opd`"))
+    assert "beta_rl" in opd  # kepo.py keeps the k3 KL for opd
 
 def test_compare_runs_every_method_from_one_cached_student(smoke, tmp_path):
     out = copy_of(smoke, tmp_path)
-    proc = run_script(*SMOKE, "--out", str(out), "--compare", "--steps", "2")
+    proc = run_script(*SMOKE, "--out", str(out), "--compare", "--steps", "2", "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("--resume: nothing to resume") == 4
     for name in ts.METHODS:
         assert f"| rl-{name} |" in proc.stdout and len(metrics(out, f"rl-{name}")) == 2
     assert "stages to train: none" in proc.stdout
@@ -699,7 +775,8 @@ def test_killed_run_resumes_exactly_and_never_mixes_settings(smoke, tmp_path):
     run.send_signal(signal.SIGKILL)
     assert run.wait() != 0 and not (ckpt.parent / "results.json").exists(), "it finished first"
     assert refused(run_script(*flags), "holds an unfinished run .*add --resume")
-    assert refused(run_script(*flags, "--resume", "--lr", "1e-2"), "lr 0.0003 then, 0.01 now")
+    other = run_script(*flags, "--resume", "--lr", "1e-2")
+    assert refused(other, r"settings \(lr 0.0003 then, 0.01 now\)$")  # the difference only
     resumed = run_script(*flags, "--resume")
     assert resumed.returncode == 0 and "resumed" in resumed.stdout, resumed.stderr[-3000:]
     assert metrics(out) == metrics(smoke[0]) and not ckpt.exists()
@@ -711,16 +788,42 @@ def test_killed_run_resumes_exactly_and_never_mixes_settings(smoke, tmp_path):
     grpo = replace(a, method="grpo")  # the gate does not shape grpo
     assert ts.run_settings(grpo, cfg, {}) == ts.run_settings(replace(grpo, tau=2.0), cfg, {})
 
-def test_a_rebuilt_warm_up_gives_a_fresh_folders_premises(smoke, tmp_path):
-    old = copy_of(smoke, tmp_path / "old")
-    flags = [*SMOKE, "--warm-steps", "5", "--steps", "0"]
-    assert refused(run_script(*flags, "--out", str(old)), "cached stage .*student_init was built")
-    shutil.rmtree(old / "smoke-seed1" / "student_init")  # as the error says
+@pytest.mark.parametrize("flag,stages", [("--teacher-steps", ["smoke-teacher"]),
+                                         ("--base-steps", ["smoke-base", "smoke-seed1/student_init"]),
+                                         ("--warm-steps", ["smoke-seed1/student_init"])])
+def test_a_rebuilt_stage_gives_a_fresh_folders_premises(smoke, tmp_path, flag, stages):
+    """A stage rebuilt with other settings: its children are refused until rebuilt too, and
+    the premises are the fresh folder's, not the old stage's."""
+    old, flags = copy_of(smoke, tmp_path / "old"), [*SMOKE, flag, "5", "--steps", "0"]
+    for stage in stages:
+        assert refused(run_script(*flags, "--out", str(old)), f"cached stage .*{stage} was built "
+                       "with other settings .*steps .* then, .* now")
+        shutil.rmtree(old / stage)  # as the error says
     rebuilt = run_script(*flags, "--out", str(old))
     fresh = run_script(*flags, "--out", str(tmp_path / "new"))
     table = lambda p: p[p.index("premises"):p.index("greedy")]  # noqa: E731
     assert rebuilt.returncode == fresh.returncode == 0
     assert table(rebuilt.stdout) == table(fresh.stdout) != table(smoke[1].replace("stage 4", "greedy"))
+
+def test_a_byte_identical_rebuild_reuses_runs_whose_files_are_checked(smoke, tmp_path):
+    """A stage rebuilt to the same bytes keeps its runs (nothing is keyed by time); a finished
+    run's damaged file is named; a checkpoint whose weights change is another input."""
+    out = copy_of(smoke, tmp_path / "out", drop=())
+    (out / "smoke-seed1" / "student_init" / "stage.json").unlink()
+    proc = run_script(*SMOKE, "--out", str(out))
+    assert "stage 3" in proc.stdout and "its results are reused" in proc.stdout, proc.stderr
+    run = out / "smoke-seed1" / "rl-kepo"
+    for name in ("metrics.jsonl", "student/model.safetensors"):
+        kept = (run / name).read_bytes()
+        (run / name).write_bytes(kept[:-1] + b"x")
+        assert refused(run_script(*SMOKE, "--out", str(out)), f"{run / name} is damaged")
+        (run / name).write_bytes(kept)
+    save_checkpoint(tmp_path / "s", "llava", 32, 0)
+    a, data = ts.Args(student=str(tmp_path / "s"), teacher=str(tmp_path / "s")), SimpleNamespace(
+        fingerprint="x")
+    key = ts.built_from(a, data)
+    save_checkpoint(tmp_path / "s", "llava", 32, 1)
+    assert ts.built_from(a, data) != key
 
 @pytest.mark.parametrize("flags,message", [
     (["--group-size", "1"], "--group-size must be >= 2"),
@@ -732,6 +835,8 @@ def test_a_rebuilt_warm_up_gives_a_fresh_folders_premises(smoke, tmp_path):
     (["--teacher-lr", "1e999"], "--teacher-lr must be finite and > 0"),
     (["--seed", "99999999999999999999"], r"--seed must be in \[0, 2\*\*63\)"),
     (["--method", "ppo"], "argument --method: invalid choice"),
+    (["--lr", "1", "--lr", "2"], "--lr given twice"),
+    (["--compare", "--compare"], "--compare given twice"),
     (["--student", "nowhere", "--teacher", "nowhere"], "--student nowhere: not a checkpoint"),
     (["--student", "."], "--student and --teacher go together"),
     (["--data", "x.jsonl"], "--data needs --student and --teacher"),
@@ -743,9 +848,15 @@ def test_a_rebuilt_warm_up_gives_a_fresh_folders_premises(smoke, tmp_path):
 ])
 def test_bad_flags_are_refused_in_one_line_before_any_work(tmp_path, flags, message):
     (tmp_path / "a_file").write_text("")
-    proc = run_script(*SMOKE, "--out", str(tmp_path / "runs"), *flags, cwd=tmp_path)
+    out = [] if "--out" in flags else ["--out", str(tmp_path / "runs")]
+    proc = run_script("--preset", "smoke", *out, *flags, cwd=tmp_path)
     assert refused(proc, "^train_small.py: error: " + message), proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1  # no usage block
     assert not list((tmp_path / "runs").glob("*"))  # nothing was trained or written
+
+def test_help_shows_every_default():
+    shown = " ".join(run_script("--help").stdout.split())
+    assert all(f"(default: {f.default})" in shown for f in fields(ts.Args))
 
 def full_disk(path):
     with open(path, "w") as f:  # torch.save writes until the disk is full
@@ -759,14 +870,14 @@ def test_damaged_files_are_named_and_never_trusted_and_a_full_disk_says_so(smoke
     for path in (root / "before_rl.json", stage / "stage.json", root / "rl-kepo" / "results.json"):
         path.write_text(path.read_text()[:20])  # truncated
         with pytest.raises(ts.UserError, match=f"{path} is damaged"):
-            ts.read_json(path)
+            ts.read(path)
     assert refused(run_script(*SMOKE, "--out", str(out)), f"{stage / 'stage.json'} is damaged")
     (stage / "model.safetensors").write_bytes(b"not a model")
     with pytest.raises(ts.UserError, match=f"{stage} cannot be loaded"):
         ts.load_model(stage, "cpu", "cached stage")
     (root / "rl-kepo" / "metrics.jsonl").write_text("{")
     with pytest.raises(ts.UserError, match="metrics.jsonl is damaged"):
-        ts.read_metrics(root / "rl-kepo")
+        ts.read_jsonl(root / "rl-kepo" / "metrics.jsonl")
     (root / "ckpt.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ts.UserError, match="ckpt.pt is damaged"):
         ts.load_checkpoint(root / "ckpt.pt")
@@ -775,6 +886,18 @@ def test_damaged_files_are_named_and_never_trusted_and_a_full_disk_says_so(smoke
     with pytest.raises(ts.UserError, match="ckpt.pt: the disk is full"):
         ts.write_atomically(tmp_path / "ckpt.pt", full_disk)
     assert (tmp_path / "ckpt.pt").read_text() == "previous" and not (tmp_path / "ckpt.pt.tmp").exists()
+
+    class SafetensorError(Exception):  # what safetensors raises on a full disk
+        pass
+
+    def save(folder):  # a folder half written
+        os.makedirs(folder)
+        raise SafetensorError("No space left on device")
+    with pytest.raises(ts.UserError, match="student: the disk is full"):
+        ts.write_atomically(tmp_path / "student", save)
+    assert not list(tmp_path.glob("student*"))
+    with pytest.raises(ts.UserError, match="cannot write .*nowhere/metrics.jsonl"):
+        ts.append_line(tmp_path / "nowhere" / "metrics.jsonl", "{}")
 
 def test_toy_questions_prompts_and_pixels():
     a = ts.make_split(3, "train", "mri", 200)
@@ -855,6 +978,11 @@ def test_report_by_hand(tmp_path):
     # OOD: +0.10 and -0.05 -> 0.025 ± sqrt(2 * 0.075^2) = 0.106, KEPO ahead on 1 of 2
     assert "| rl-grpo | 0.025 ± 0.106 | 1/2 | 0.000 ± 0.000 | 0/2 | 0.000 ± 0.000 | 0/2 |" in text
     assert "| rl-kepo | 0.425 ± 0.035 | 0.035 | 0.250 ± 0.071 |" in text  # drops 0.3 and 0.2
+    with pytest.raises(SystemExit, match="no smoke-seed"):
+        report.report(str(tmp_path), "smoke")
+    (tmp_path / "cpu-seed2" / "rl-kepo" / "metrics.jsonl").write_text("{")
+    with pytest.raises(SystemExit, match="cpu-seed2/rl-kepo/metrics.jsonl is damaged"):
+        report.report(str(tmp_path), "cpu")
 
 
 # ---- Your own data and checkpoints (--data, --student, --teacher) ----
@@ -880,6 +1008,8 @@ def jsonl_error(path):
     (3, lambda r: r.update(answer="E"), "answer 'E' is not a letter"),
     (5, lambda r: r.update(image="gone.png"), "gone.png"),
     (4, lambda r: r.update(options=["only one"]), "options must be"),
+    (4, lambda r: r.update(options=["x"] * 10000), "options must be"),
+    (2, lambda r: r.update(options=["cyst", "tumor", "cyst"]), "options repeat"),
     (6, None, "Expecting|JSON"),
 ])
 def test_a_bad_jsonl_record_names_file_and_line(tmp_path, line, edit, message):
@@ -890,6 +1020,7 @@ def test_a_bad_jsonl_record_names_file_and_line(tmp_path, line, edit, message):
     lines[line - 1] = json.dumps(record) if edit else "{not json"
     path.write_text("\n".join(lines) + "\n")
     assert re.match(f"{path}:{line}: .*{message}", jsonl_error(path))
+    assert len(jsonl_error(path)) < len(str(path)) + 300  # values quoted in part
 
 def test_a_jsonl_image_cut_short_or_a_line_not_utf8_names_file_and_line(tmp_path):
     path, lines = write_jsonl(tmp_path, per_modality=2)
@@ -977,7 +1108,7 @@ def test_a_thinking_template_is_refused_in_one_line(tmp_path):
     save_checkpoint(tmp_path / "s", "llava", 32, 0, end=" <think>")
     proc = run_script(*SMOKE, "--student", str(tmp_path / "s"), "--teacher", str(tmp_path / "s"),
                       "--out", str(tmp_path / "runs"))
-    assert refused(proc, "opens <think> .*Instruct checkpoint"), proc.stderr[-2000:]
+    assert refused(proc, "opens <think> .*use an Instruct one"), proc.stderr[-2000:]
 
 
 if __name__ == "__main__":  # torchrun runs this file as the two-process worker

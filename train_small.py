@@ -7,15 +7,13 @@
     python train_small.py --steps 0        # the stages and the premises only
     python train_small.py --data omni.jsonl --student ckpt/s --teacher ckpt/t
 
-Stages, cached under --out: 1 a teacher that knows the task on every modality
-and writes hints; 2 a base student pretrained to describe images of every
-modality (a pretrained VLM's stand-in); 3 its warm-up on questions, mostly of
-the train modality, with a position bias that makes the learning cliff; the
-premises; 4 RL with kepo.kepo_step; 5 greedy evaluation on every modality.
+Stages, cached under --out: 1 a teacher that knows every modality and writes
+hints; 2 a base student that describes images (a pretrained VLM's stand-in);
+3 its warm-up on questions, with a position bias that makes the learning
+cliff; the premises; 4 RL with kepo.kepo_step; 5 greedy evaluation.
 Simplified: tiny LLaVAs built from configs, a word-level tokenizer, 48x48
-images drawn with pillow, options listed as `ct a , mri b` (the letter after
-its option: a copy a 2-layer model learns).
-One process: for several GPUs, call kepo.kepo_step from a DDP or FSDP2 trainer.
+images drawn with pillow, options as `ct a , mri b`. One process: for several
+GPUs, call kepo.kepo_step from a DDP or FSDP2 trainer.
 """
 from __future__ import annotations
 
@@ -31,7 +29,6 @@ import shutil
 import string
 import sys
 import time
-import weakref
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
@@ -43,35 +40,35 @@ def arg(default, help):
 
 @dataclass
 class Args:
-    preset: str = arg("default", "default (one GPU) | cpu | smoke (CI)")
+    preset: str = arg("default", "default (GPU) | cpu | smoke (CI)")
     method: str = arg("kepo", "grpo | opd | kdpo | kepo")
-    compare: bool = arg(False, "the four methods from one warm student")
-    seed: int = arg(1, "fixes data, initialisation and sampling")
+    compare: bool = arg(False, "all four methods, one warm student")
+    seed: int = arg(1, "fixes data, init and sampling")
     device: str = arg("auto", "auto | cpu | cuda[:N]")
     out: str = arg("runs", "cache and output folder")
     resume: bool = arg(False, "continue an interrupted RL run")
     group_size: int = arg(8, "G, completions per prompt")
-    tau: float = arg(1.0, "quality gate r >= tau, r = accuracy + format")
+    tau: float = arg(1.0, "quality gate: r >= tau")
     hint_mode: str = arg("adaptive", "adaptive (cliff groups) | always")
-    max_new_tokens: int = arg(12, "completion and hint cap (the toy needs 9)")
-    micro_batch: int = arg(0, "rows per RL forward+backward (0: all)")
+    max_new_tokens: int = arg(12, "completion and hint cap")
+    micro_batch: int = arg(0, "rows a forward+backward (0: all)")
     dtype: str = arg("fp32", "fp32 | bf16 (teacher, reference, autocast)")
     steps: int = arg(200, "RL steps (0: the stages and premises only)")
     batch_prompts: int = arg(64, "B, prompts per RL step")
-    lr: float = arg(3e-4, "RL learning rate, the same for every method")
-    train_modality: str = arg("mri", "RL's modality; evaluation covers all")
-    eval_every: int = arg(25, "RL steps between OOD-curve points and checkpoints")
-    data: str = arg("", "OmniMedVQA-style JSONL, with --student (else: toy)")
+    lr: float = arg(3e-4, "RL learning rate, every method")
+    train_modality: str = arg("mri", "RL's modality")
+    eval_every: int = arg(25, "steps between OOD-curve points and checkpoints")
+    data: str = arg("", "OmniMedVQA-style JSONL (needs --student)")
     n_train: int = arg(600, "RL training questions")
     n_test: int = arg(200, "held-out questions per modality")
     n_cliff: int = arg(192, "train prompts the cliff is measured on")
-    student: str = arg("", "local VLM checkpoint to train, with --teacher")
-    teacher: str = arg("", "local VLM checkpoint, with --student")
+    student: str = arg("", "local VLM checkpoint to train")
+    teacher: str = arg("", "local VLM checkpoint, the teacher")
     teacher_width: int = arg(128, "toy teacher: hidden size")
     teacher_layers: int = arg(2, "toy teacher: layers")
     teacher_steps: int = arg(7000, "teacher SFT steps")
     teacher_lr: float = arg(1e-3, "teacher SFT learning rate")
-    n_pool: int = arg(1500, "teacher and base images per modality")
+    n_pool: int = arg(1500, "images per modality, teacher and base")
     student_width: int = arg(48, "toy student: hidden size")
     student_layers: int = arg(2, "toy student: layers")
     sft_lr: float = arg(1e-3, "base and warm-up learning rate")
@@ -82,8 +79,8 @@ class Args:
 
 PRESETS = {"default": {},
            "cpu": dict(batch_prompts=16),
-           # tiny models, high learning rates: every RL step has a reward
-           # spread, gated rows and a gradient (CI checks), in seconds
+           # tiny models, high learning rates: each RL step has a reward
+           # spread, gated rows and a gradient (CI checks)
            "smoke": dict(teacher_steps=40, base_steps=10, warm_steps=40, steps=6,
                          teacher_lr=1e-2, sft_lr=1e-2, sft_batch=16, batch_prompts=4,
                          n_pool=8, n_train=16, n_warm=16, n_test=4, n_cliff=8,
@@ -95,12 +92,17 @@ CHOICES = {"preset": list(PRESETS), "method": METHODS, "dtype": ["fp32", "bf16"]
 
 def parse_args(argv=None):
     """Args from the preset and flags, checked before any heavy import."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog="--preset cpu and smoke change some defaults")
+    parser.error = lambda why: parser.exit(2, f"train_small.py: error: {why} (see --help)\n")
     for f in fields(Args):
         kind = dict(action="store_true") if f.type == "bool" else dict(
             type=type(f.default), choices=CHOICES.get(f.name))
-        parser.add_argument("--" + f.name.replace("_", "-"), **kind,
-                            help=f.metadata["help"], default=argparse.SUPPRESS)
+        parser.add_argument("--" + f.name.replace("_", "-"), **kind, default=argparse.SUPPRESS,
+                            help=f"{f.metadata['help']} (default: {f.default})")
+    flags = [x.split("=")[0] for x in sys.argv[1:] if x[:2] == "--"] if argv is None else argv
+    if twice := [x for x in flags if x[:2] == "--" and flags.count(x) > 1]:
+        parser.error(f"{twice[0]} given twice")
     given = vars(parser.parse_args(argv))
     a = Args(**PRESETS[given.get("preset", "default")] | given)
     if problem := check_args(a):
@@ -164,7 +166,7 @@ import kepo  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 class UserError(ValueError):
-    """A problem with the user's input or files: one line, no traceback."""
+    """A user's input or files: one line, no traceback."""
 
 
 # ---- Stage 4: RL on the train modality, one kepo_step per batch ----
@@ -173,21 +175,22 @@ PROGRESS_SECONDS = 10  # a progress line at least this often
 @dataclass
 class Stages:
     """What stages 1-3 leave for RL, shared by the methods."""
-    proc: object  # the processor of both models
+    proc: object  # both models'
     teacher: torch.nn.Module
-    student_src: str  # the warm student's folder: every method starts there
+    student_src: str  # the warm student: every method starts there
     data: Data
     before: dict  # before_rl.json
     key: dict  # what the stages were built from
 
 def rl(a: Args, cfg, s: Stages, folder: Path, settings: dict):
-    """RL from the warm student, metrics to metrics.jsonl; returns it."""
+    """RL from the warm student; metrics.jsonl; returns it."""
     ref = load_model(s.student_src, a.device, "the warm student", DTYPES[a.dtype])
     ref.requires_grad_(False)  # the reference of the `kl` metric
     student = load_model(s.student_src, a.device, "the warm student")
     opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.0)
     start, ckpt = resume(a, folder / "ckpt.pt", student, opt), folder / "ckpt.pt"
-    kept = "".join(json.dumps(m) + "\n" for m in read_metrics(folder) if m["step"] <= start)
+    metrics = read_jsonl(folder / "metrics.jsonl")
+    kept = "".join(json.dumps(m) + "\n" for m in metrics if m["step"] <= start)
     write_atomically(folder / "metrics.jsonl", lambda p: Path(p).write_text(kept))
     t0 = shown = time.time()
     for step in range(start + 1, a.steps + 1):
@@ -200,13 +203,11 @@ def rl(a: Args, cfg, s: Stages, folder: Path, settings: dict):
         if step % a.eval_every == 0 or step == a.steps:
             hits = correctness(student, s.proc, s.data.curve, cfg, a.device)
             m["eval/OOD"] = summarize(s.data.curve, hits, s.data)["OOD"]
-        with open(folder / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(m) + "\n")
+        append_line(folder / "metrics.jsonl", json.dumps(m))
         if time.time() - shown > PROGRESS_SECONDS or "eval/OOD" in m:
-            shown, rate = time.time(), (step - start) / (time.time() - t0)
-            print(f"  step {step:4d}/{a.steps} reward {m['reward']:.2f} acc "
-                  f"{m['sample_accuracy']:.2f} cliff {m['cliff_groups']:.2f} gate "
-                  f"{m['gate_frac']:.2f} | {rate:.2f} steps/s ETA {(a.steps - step) / rate:.0f}s")
+            shown = progress(f"step {step:4d}/{a.steps} reward {m['reward']:.2f} acc "
+                             f"{m['sample_accuracy']:.2f} cliff {m['cliff_groups']:.2f} "
+                             f"gate {m['gate_frac']:.2f}", a.steps - step, step - start, t0)
         if step % a.eval_every == 0:
             state = {"model": student.state_dict(), "optimizer": opt.state_dict(),
                      "rng": [torch.get_rng_state(), torch.cuda.get_rng_state_all()],
@@ -217,9 +218,15 @@ def rl(a: Args, cfg, s: Stages, folder: Path, settings: dict):
     return student
 
 
+def progress(line, left, done, start):
+    """Prints `line`, the rate and the time left; returns the time."""
+    rate = done / (time.time() - start)
+    print(f"  {line} | {rate:.2f} steps/s ETA {left / rate:.0f}s")
+    return time.time()
+
 def resume(a: Args, ckpt: Path, student, opt):
-    """The last finished step: the checkpoint's with --resume (its settings were
-    checked at the start), with the RNG, so that a resumed run samples alike."""
+    """The last finished step: the checkpoint's with --resume, with the RNG
+    (a resumed run samples alike); its settings were checked at the start."""
     torch.manual_seed(a.seed)
     if not (a.resume and ckpt.exists()):
         return 0
@@ -263,9 +270,9 @@ def correctness(model, proc, examples, cfg, device, n=1, greedy=True):
 THINK_RE = re.compile(r"<think>(.*)</think>\s*<answer>(.*)</answer>", re.S)
 
 def coherent(examples, texts):
-    """[N] 1.0 where the reasoning agrees with the answer (the toy's form,
-    `<think> size large c </think> <answer> c </answer>`): well formatted, the
-    think's letter is the answer's, and its option is the evidence's value."""
+    """[N] 1.0 where the reasoning agrees with the answer (`<think> size large
+    c </think> <answer> c </answer>`): formatted, the think's letter is the
+    answer's, and its option is the evidence's value."""
     def agree(e, text):
         m = THINK_RE.fullmatch(text.strip()) if kepo.format_reward([text])[0] else None
         words = m[1].split() if m else []
@@ -324,12 +331,12 @@ def premises_table(items, seed):
         [p["premise"], f"{p['value']:.3f}" + " ✗" * (not p["holds"]), target(p)] for p in items])
 
 def before_rl(a: Args, cfg, proc, teacher, student, data: Data, key: dict):
-    """Chance, teacher and warm student, the cliff, the base's descriptions
-    and the premises; cached under `key`, what made them."""
+    """Chance, teacher, warm student, the cliff, the base's descriptions and
+    the premises; cached under `key`, what made them."""
     path = seed_root(a) / "before_rl.json"
     key = as_json(key | {"n_test": a.n_test, "n_cliff": a.n_cliff, "G": a.group_size})
-    if path.exists() and read_json(path)["key"] == key:
-        return read_json(path)
+    if path.exists() and (cached := read(path))["key"] == key:
+        return cached
     torch.manual_seed(a.seed)
     mask = cliff_mask(student, proc, data.cliff, cfg, a.device)
     guess = torch.tensor([1 / len(e.options) for e in data.test])  # chance
@@ -361,14 +368,14 @@ def md_table(head, rows):
 HINT_SHARE = 0.25  # of the teacher's prompts ask for a hint given the answer
 HINTED_SHARE = 0.3  # of the warm-up prompts carry the hint: learn to use one
 REPLAY_SHARE = 0.5  # of each warm-up batch replays the describe task
-MODALITY_SHARE = 0.2  # of the warm-up questions ask any modality's image its modality
-BIASED = ("grading", "attribute")  # the warm-up lists their answer first (see warmup_batch)
+MODALITY_SHARE = 0.2  # of warm-up questions ask an image's modality
+BIASED = ("grading", "attribute")  # the warm-up lists their answer first
 MAX_GRAD_NORM = 1.0  # clipping in the supervised stages
 PRETRAIN_SEED = 0  # teacher and base stand for released checkpoints
 
 def supervised_stages(a: Args, proc, data: Data):
-    """Stages 1-3: (teacher, warm student). Teacher and base are trained
-    once per preset, shared by the seeds; the warm-up once per seed."""
+    """Stages 1-3: (teacher, warm student). Teacher and base: once per
+    preset, for every seed; the warm-up once per seed."""
     paths, tok = stage_paths(a), proc.tokenizer
     t_size, size = (a.teacher_width, a.teacher_layers), (a.student_width, a.student_layers)
     teacher = sft_stage(a, paths["teacher"], proc, partial(build_vlm, tok, *t_size),
@@ -379,11 +386,11 @@ def supervised_stages(a: Args, proc, data: Data):
               partial(describe_batch, pool=data.pool), PRETRAIN_SEED,
               stage_config(a, size, a.base_steps, a.sft_lr),
               "stage 2: base student, describing images of every modality")
-    base = read_json(paths["base"] / "stage.json")  # the warm-up's parent
+    base = read(paths["base"] / "stage.json")  # the warm-up's parent
 
-    def init():  # the base, its vision frozen as in LLaVA's instruction tuning,
+    def init():  # the base, vision frozen (LLaVA's instruction tuning)
         model = load_model(paths["base"], "cpu", "the base stage")
-        model.model.vision_tower.requires_grad_(False)  # so perception stays general
+        model.model.vision_tower.requires_grad_(False)
         return model
     config = stage_config(a, size, a.warm_steps, a.sft_lr) | {
         "n_warm": a.n_warm, "modality": data.train_modality, "base": base,
@@ -399,13 +406,15 @@ def stage_config(a: Args, size, steps, lr):
             "pool": a.n_pool, "image": [IMAGE_SIZE, PATCH]}
 
 def sft_stage(a: Args, path: Path, proc, init, draw_batch, seed, config, title):
-    """The model in `path` if it was built with `config`, else init() trained
-    with AdamW on draw_batch(rng, n) = (examples, prompts, targets), the loss
-    on the targets only, then saved with its record (stage.json)."""
+    """The model in `path` if built with `config`, else init() trained with
+    AdamW on draw_batch(rng, n) = (examples, prompts, targets), the loss on
+    the targets, saved with its record (stage.json)."""
     if (path / "stage.json").exists():
-        if (saved := read_json(path / "stage.json")["config"]) != as_json(config):
-            raise UserError(f"cached stage {path} was built with {saved}, not {config}:"
+        record = read(path / "stage.json")
+        if diff := differences(record["config"], as_json(config)):
+            raise UserError(f"cached stage {path} was built with other settings ({diff}):"
                             " use another --out or delete it")
+        verify(path, record, "stage.json")
         return load_model(path, a.device, "cached stage")
     print(f"{title} ({config['steps']} steps x {config['batch']})")
     torch.manual_seed(seed)
@@ -416,7 +425,7 @@ def sft_stage(a: Args, path: Path, proc, init, draw_batch, seed, config, title):
         examples, prompts, targets = draw_batch(rng, config["batch"])
         batch = encode(proc, examples, prompts, a.device, targets)
         labels = batch.input_ids.clone()  # the prompt and padding: -100
-        for i, ids in enumerate(token_ids(proc.tokenizer, targets)):
+        for i, ids in enumerate(proc.tokenizer(targets).input_ids):
             labels[i, :labels.shape[1] - len(ids)] = -100
         loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                      **batch.vision, labels=labels).loss
@@ -425,12 +434,14 @@ def sft_stage(a: Args, path: Path, proc, init, draw_batch, seed, config, title):
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
         opt.step()
         if time.time() - shown > PROGRESS_SECONDS or step == steps:
-            shown, rate = time.time(), step / (time.time() - start)
-            print(f"  [{path.name}] step {step}/{steps} loss {loss.item():.3f} | "
-                  f"{rate:.1f} steps/s ETA {(steps - step) / rate:.0f}s")
-    record = json.dumps({"config": config, "seconds": round(time.time() - start, 1)})
-    write_atomically(path, lambda d: (model.save_pretrained(d), proc.save_pretrained(d),
-                                      Path(d, "stage.json").write_text(record)))
+            shown = progress(f"[{path.name}] step {step}/{steps} loss {loss.item():.3f}",
+                             steps - step, step, start)
+    def save(d):  # the record: settings and weights
+        model.save_pretrained(d)
+        proc.save_pretrained(d)
+        record = {"config": config, "files": checksums(d, ["model.safetensors"])}
+        Path(d, "stage.json").write_text(json.dumps(record))
+    write_atomically(path, save)
     return model
 
 def teacher_batch(rng, n, pool):
@@ -447,12 +458,12 @@ def describe_batch(rng, n, pool):
     return exs, [DESCRIBE_PROMPT] * n, [describe_text(e.case) for e in exs]
 
 def warmup_batch(rng, n, warm_set, pool):
-    """Train-modality questions, some with their hint, and modality questions
-    about every modality (an answer that cannot collapse to the train
-    modality); the describe task replayed. The BIASED types list their answer
-    first, as instruction data with a position bias would: the warm student
-    learns "answer a" for them, confidently wrong once options are shuffled
-    (the learning cliff), while its evidence stays right."""
+    """Train-modality questions, some hinted, modality questions on every
+    modality (an answer that cannot collapse to the train modality), and
+    the describe task replayed. BIASED types list their answer first, as
+    data with a position bias would: the warm student answers "a" for them,
+    confidently wrong once options are shuffled (the learning cliff), its
+    evidence still right."""
     n_replay = int(n * REPLAY_SHARE)
     n_modality = int((n - n_replay) * MODALITY_SHARE)
     exs = [rng.choice(warm_set) for _ in range(n - n_replay - n_modality)]
@@ -480,17 +491,16 @@ def checkpoints(a: Args):
         procs[-1].tokenizer.padding_side = "left"  # whatever it was saved with
     if procs[0].tokenizer.get_vocab() != procs[1].tokenizer.get_vocab():
         raise UserError("--teacher and --student have different vocabularies: "
-                        "token-level distillation needs one tokenizer")
+                        "token-level distillation needs one")
     if user_turn(procs[0], "x").rstrip().endswith("<think>"):
         raise UserError(f"--student {a.student}: its chat template opens <think> (a "
-                        "Thinking model), which the format reward needs the completion "
-                        "to write: use an Instruct checkpoint")
+                        "Thinking model), the completion's to write: use an Instruct one")
     teacher = load_model(a.teacher, a.device, "--teacher", DTYPES[a.dtype])
     return procs[0], teacher, load_model(a.student, a.device, "--student")
 
 
 # ---- Models and prompts: the toy's tokenizer and VLM, built in code ----
-# The toy's models learn a bare layout; a chat model (--student) is asked in words
+# The toy's models learn a bare layout; a chat model (--student) is asked in words:
 STUDENT_ASK = ("Think it through inside <think> </think> tags, then give the letter "
                "of the correct option inside <answer> </answer> tags.")
 TEACHER_ASK = ("The correct answer is ({letter}) {truth}. Write a short hint inside "
@@ -549,8 +559,8 @@ def build_processor():
                           num_additional_image_tokens=0)
 
 def word_tokenizer(words, specials, image_token):
-    """Lower-cased words split on spaces and punctuation, left padding;
-    pad/bos/eos/unk, `specials` kept whole, and KEPO's tags."""
+    """Lower-cased words split on spaces and punctuation, left padding,
+    pad/bos/eos/unk, `specials` and KEPO's tags whole."""
     vocab = dict.fromkeys(["<pad>", "<bos>", "<eos>", "<unk>", *specials, *words])
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     tk.normalizer, tk.pre_tokenizer = normalizers.Lowercase(), WORD_SPLIT
@@ -585,23 +595,15 @@ def user_turn(proc, text):
     turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
     return proc.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
 
-TOKEN_IDS = weakref.WeakKeyDictionary()  # tokenizer -> {text: ids}: the toy's repeat
-
-def token_ids(tok, texts):
-    cache = TOKEN_IDS.setdefault(tok, {})
-    if new := [t for t in dict.fromkeys(texts) if t not in cache]:
-        cache.update(zip(new, tok(new).input_ids))
-    return [cache[t] for t in texts]
-
 def encode(proc, examples, texts, device, targets=()):
     """Prompts (and SFT targets after them) with their images, left-padded.
-    Toy pixels skip the processor: the text gets IMAGE_TOKENS image tokens
-    and the pixels are normalised as the processor would (a test checks)."""
+    Toy pixels skip the processor: IMAGE_TOKENS image tokens, the pixels
+    normalised as the processor would (a test checks)."""
     full = [user_turn(proc, t) + (f" {targets[i]}" if targets else "")
             for i, t in enumerate(texts)]
     if all(e.pixels is not None for e in examples):
         image, pad = proc.image_token, proc.tokenizer.pad_token_id
-        ids = token_ids(proc.tokenizer, [t.replace(image, image * IMAGE_TOKENS) for t in full])
+        ids = proc.tokenizer([t.replace(image, image * IMAGE_TOKENS) for t in full]).input_ids
         width = max(map(len, ids))
         pixels = torch.stack([e.pixels for e in examples]).float()
         enc = {"input_ids": torch.tensor([[pad] * (width - len(i)) + i for i in ids]),
@@ -612,7 +614,7 @@ def encode(proc, examples, texts, device, targets=()):
         images = [[Image.open(e.image).convert("RGB") if e.image else draw(e.case)]
                   for e in examples]
         enc = proc(text=full, images=images, return_tensors="pt", padding=True)
-    # the forward's inputs for the prompt (a processor's labels are not one)
+    # the forward's prompt inputs (a processor's labels are not one)
     vision = {k: v.to(device) for k, v in enc.items()
               if k not in ("input_ids", "attention_mask", "labels")}
     return kepo.PromptBatch(enc["input_ids"].to(device), enc["attention_mask"].to(device),
@@ -624,13 +626,13 @@ def student_prompts(proc, exs, device):
 
 def hint_prompts(exs, proc, device):
     """The hint prompt builders of a step; groups index `exs`."""
-    def prompts(groups, text):
-        picked = [exs[g] for g in groups]
-        return encode(proc, picked, [text(i, e) for i, e in enumerate(picked)], device)
+    def prompts(groups, texts):
+        return encode(proc, [exs[g] for g in groups], texts, device)
+    words = chat(proc)
     return kepo.HintPrompts(
-        lambda groups: prompts(groups, lambda i, e: hint_request_text(e, chat(proc))),
-        lambda groups, hints: prompts(groups, lambda i, e: hinted_text(e, hints[i],
-                                                                        chat(proc))))
+        lambda gs: prompts(gs, [hint_request_text(exs[g], words) for g in gs]),
+        lambda gs, hints: prompts(gs, [hinted_text(exs[g], h, words)
+                                       for g, h in zip(gs, hints)]))
 
 
 # ---- Toy medical VQA: cases, images, questions, the splits of a run ----
@@ -703,9 +705,7 @@ def draw_field(d, style, bg, rng, s=IMAGE_SIZE):
     elif style == "vignette":
         d.ellipse((-6, -6, s + 5, s + 5), outline=(90, 60, 40), width=6)
     elif style == "dots":
-        for _ in range(40):
-            x, y = rng.randrange(s), rng.randrange(s)
-            d.point((x, y), fill=(120, 60, 140))
+        d.point([(rng.randrange(s), rng.randrange(s)) for _ in range(40)], fill=(120, 60, 140))
     elif style == "bands":
         for y in range(4, s, 8):
             d.rectangle((0, y, s, y + 2), fill=tuple(c + 35 for c in bg))
@@ -770,8 +770,8 @@ def describe_text(case):
     return " ".join(words) + " <eos>"
 
 def make_split(seed, name, modality, n):
-    """A split fixed by (seed, name, modality): each question's type drawn
-    from the five, about a new case that can answer it."""
+    """A split fixed by (seed, name, modality): questions of random types,
+    each about a new case that can answer it."""
     rng, split = random.Random(f"{seed}-{name}-{modality}"), []
     for _ in range(n):
         qtype = rng.choice(list(QUESTIONS))
@@ -811,8 +811,8 @@ def curve(test, n_test):
             for e in [f for f in test if f.modality == m][:k]]
 
 def toy_data(a: Args):
-    """The toy's splits for a.seed (the pool: seed 0). Pixels are drawn for
-    the toy's models; a checkpoint's processor draws per batch."""
+    """The toy's splits for a.seed (the pool: seed 0), with pixels for the
+    toy's models (a checkpoint's processor draws per batch)."""
     if a.train_modality not in MODALITIES:
         raise UserError(f"--train-modality must be one of {MODALITIES}")
 
@@ -831,6 +831,10 @@ HOLDOUT_SHARE = 0.2  # at most this share of a modality is held out
 FIELDS = {"image": str, "question": str, "options": list, "answer": str, "modality": str,
           "qtype": str}
 
+def quote(value, limit=200):
+    text = repr(value)  # a user's value, cut to fit one line
+    return text if len(text) <= limit else text[:limit] + "..."
+
 def parse_record(line, folder):
     """One JSONL line -> Example; a ValueError says what is wrong."""
     rec = json.loads(line)
@@ -839,16 +843,18 @@ def parse_record(line, folder):
         raise ValueError(f"missing, empty or mistyped fields {bad}")
     options, answer = rec["options"], rec["answer"].strip().lower()
     if not 2 <= len(options) <= 26 or not all(isinstance(o, str) and o for o in options):
-        raise ValueError(f"options must be 2-26 strings, got {options!r}")
+        raise ValueError(f"options must be 2-26 strings, got {quote(options)}")
+    if len(set(options)) < len(options):
+        raise ValueError(f"options repeat: {quote(options)}")
     if answer not in ABC[:len(options)]:
-        raise ValueError(f"answer {rec['answer']!r} is not a letter of the options")
+        raise ValueError(f"answer {quote(rec['answer'])} is not a letter of the options")
     return Example(None, rec["qtype"], rec["question"], tuple(options), answer,
                    options[ABC.index(answer)], rec["modality"], f"{folder}/{rec['image']}")
 
 def jsonl_data(a: Args):
-    """Every record checked first (file:line and why), each image decoded.
-    Per modality, a shuffle keyed by the file holds out min(n_test, 20%):
-    whatever the seed, a test question is never trained on."""
+    """Every record and image checked first (file:line and why). Per
+    modality, a shuffle keyed by the file holds out min(n_test, 20%): no
+    seed trains on a test question."""
     folder, examples = os.path.dirname(os.path.abspath(a.data)), []
     for number, raw in enumerate(Path(a.data).read_bytes().splitlines(), 1):
         try:
@@ -859,7 +865,7 @@ def jsonl_data(a: Args):
         except UnicodeDecodeError:
             raise UserError(f"{a.data}:{number}: not UTF-8") from None
         except (ValueError, OSError) as e:
-            raise UserError(f"{a.data}:{number}: {e}") from None
+            raise UserError(f"{a.data}:{number}: {str(e)[:300]}") from None
     fingerprint = hashlib.sha1(Path(a.data).read_bytes()).hexdigest()[:12]
     test, pool = {}, {}
     for m in sorted({e.modality for e in examples}):
@@ -869,7 +875,7 @@ def jsonl_data(a: Args):
         test[m], pool[m] = exs[:n], exs[n:]
     if len(train := pool.get(a.train_modality, [])) < a.batch_prompts:
         raise UserError(f"{a.data}: {len(train)} --train-modality {a.train_modality} "
-                        "questions to train on, fewer than --batch-prompts")
+                        "questions to train on, < --batch-prompts")
     return Data(list(test), sorted({e.qtype for e in examples}), a.train_modality, train,
                 [], sum(test.values(), []), curve(sum(test.values(), []), a.n_test),
                 train[:a.n_cliff], [], fingerprint)
@@ -898,43 +904,64 @@ def run_name(a: Args):
 def as_json(obj):
     return json.loads(json.dumps(obj))  # as it reads back: tuples are lists
 
-def read_json(path):
-    """A JSON file; a damaged one is named and never trusted."""
+def read(path, load=lambda p: json.loads(Path(p).read_text())):
+    """A file as load(path) reads it (JSON); a damaged one is named."""
     try:
-        return json.loads(Path(path).read_text())
-    except (ValueError, OSError) as e:
+        return load(path)
+    except Exception as e:
         raise UserError(f"{path} is damaged ({type(e).__name__}): delete it") from None
+
+def sha(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+def checksums(folder, names):
+    """{path: sha256} of the files `names` (files or folders) in `folder`."""
+    paths = [Path(folder, n) for n in names]
+    files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*")))]
+    return {f.relative_to(folder).as_posix(): sha(f) for f in files if f.is_file()}
+
+def verify(folder, record, name):
+    """Every file `record` lists is as it was written, or one line names it."""
+    for file, digest in record["files"].items():
+        if not Path(folder, file).is_file() or sha(Path(folder, file)) != digest:
+            raise UserError(f"{folder}/{file} is damaged or missing (not as {name} "
+                            f"recorded): delete {folder} to rebuild it")
 
 def write_json(path, obj):
     write_atomically(path, lambda p: Path(p).write_text(json.dumps(obj)))
 
 def write_atomically(path, write):
-    """write(tmp) to a temporary file or folder, renamed to `path` once whole:
-    a kill or a full disk leaves the previous `path` as it was."""
+    """write(tmp), renamed to `path` once whole: a kill or a full disk
+    leaves the previous `path` as it was."""
     path, tmp = Path(path), Path(f"{path}.tmp")
     try:
         write(str(tmp))
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save's full disk is a RuntimeError
+    except Exception as e:  # a full disk: OSError, torch's RuntimeError, ...
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.unlink(missing_ok=True)
         full = shutil.disk_usage(path.parent).free < 2**20
+        if not (full or isinstance(e, OSError)):
+            raise
         raise UserError(f"cannot write {path}: " + (
             "the disk is full" if full else str(e).split("\n")[0])) from None
 
-def read_metrics(folder):
+def append_line(path, line):
     try:
-        lines = (folder / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(x) for x in lines]
-    except FileNotFoundError:
-        return []
-    except ValueError:
-        raise UserError(f"{folder}/metrics.jsonl is damaged: delete the folder") from None
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+
+def read_jsonl(path):
+    lines = lambda p: [json.loads(x) for x in Path(p).read_text().splitlines()]  # noqa
+    return read(path, lines) if Path(path).exists() else []
 
 def load_model(path, device, what, dtype=torch.float32):
-    """from_pretrained in `dtype` (fp32 unless asked: transformers 5 keeps a
-    checkpoint's bf16, where a small lr moves no weight)."""
+    """from_pretrained in `dtype` (fp32 unless asked: in a checkpoint's
+    bf16, which transformers 5 keeps, a small lr moves no weight)."""
     try:
         return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
     except Exception as e:
@@ -942,10 +969,7 @@ def load_model(path, device, what, dtype=torch.float32):
                         f"{str(e)[:200]}): delete it to rebuild it") from e
 
 def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is damaged ({type(e).__name__}): delete it") from e
+    return read(path, partial(torch.load, map_location="cpu", weights_only=True))
 
 def run_settings(a: Args, cfg, key):
     """All that shapes an RL run, the stages' records too: reruns match it."""
@@ -954,25 +978,32 @@ def run_settings(a: Args, cfg, key):
     return as_json({k: v for k, v in asdict(a).items() if k not in skip} | {
         "kepo": {k: v for k, v in asdict(cfg).items() if k not in unused}, "stages": key})
 
+def differences(then, now, at=""):
+    """The leaves where two settings differ, named: "lr 0.1 then, 0.2 now"."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        return ", ".join(filter(None, (differences(then.get(k), now.get(k), f"{at}{k}.")
+                                       for k in sorted(then | now))))
+    return f"{at[:-1]} {then!r} then, {now!r} now"[:200] if then != now else ""
+
 def finished_or_resumable(a: Args, folder, settings):
-    """A finished run's results (reused), or None to train; refuses to mix
-    settings or to overwrite an unfinished run."""
-    def differences(then):
-        return ", ".join(f"{k} {then.get(k)!r} then, {settings.get(k)!r} now"
-                         for k in sorted(then | settings) if then.get(k) != settings.get(k))
+    """A finished run's results (reused, its files checked), or None to train;
+    refuses to mix settings or to overwrite an unfinished run."""
     if (folder / "results.json").exists():
-        if (done := read_json(folder / "results.json"))["settings"] != settings:
-            raise UserError(f"{folder} finished with other settings "
-                            f"({differences(done['settings'])}): use another --out")
+        done = read(folder / "results.json")
+        if diff := differences(done["settings"], settings):
+            raise UserError(f"{folder} finished with other settings ({diff}): "
+                            "use another --out")
+        verify(folder, done, "results.json")
         return done
     if (folder / "ckpt.pt").exists():
         saved = load_checkpoint(folder / "ckpt.pt")
         if not a.resume:
-            raise UserError(f"{folder} holds an unfinished run (checkpoint at step "
-                            f"{saved['step']}): add --resume, or delete the folder")
-        if saved["settings"] != settings:
-            raise UserError(f"--resume: {folder} was made with other settings "
-                            f"({differences(saved['settings'])})")
+            raise UserError(f"{folder} holds an unfinished run (step {saved['step']}): "
+                            "add --resume, or delete it")
+        if diff := differences(saved["settings"], settings):
+            raise UserError(f"--resume: {folder} was made with other settings ({diff})")
+    elif a.resume:
+        print(f"--resume: nothing to resume in {folder}: it starts at step 1")
 
 
 # ---- One seed: the stages, then RL and evaluation per method ----
@@ -986,7 +1017,7 @@ def main(a: Args):
         else f"cpu ({torch.get_num_threads()} threads)"
     todo = [n for n, p in stage_paths(a).items() if not (p / "stage.json").exists()]
     print(f"train_small.py: {'compare' if a.compare else a.method}, preset {a.preset}, "
-          f"seed {a.seed}, on {where} | stages to train: {', '.join(todo) or 'none'}")
+          f"seed {a.seed}, {where} | stages to train: {', '.join(todo) or 'none'}")
     s = stages(a, cfg)
     rows = dict(s.before["rows"])
     for r in ([replace(a, method=m) for m in METHODS] if a.compare else [a]) * (a.steps > 0):
@@ -1007,17 +1038,23 @@ def stages(a: Args, cfg):
     else:
         proc = build_processor()
         teacher, student = supervised_stages(a, proc, data)
-    key = {n: read_json(p / "stage.json") for n, p in stage_paths(a).items()} | {
-        "student": a.student, "teacher": a.teacher, "data": data.fingerprint,
-        "train_modality": a.train_modality}
+    key = built_from(a, data)
     before = before_rl(a, cfg, proc, teacher, student, data, key)
     print(f"learning cliff before RL ({a.train_modality}, G={a.group_size}, all wrong): "
           + ", ".join(f"{q} {v:.2f}" for q, v in before["cliff"].items()))
-    print("premises (before RL; methods compare where they hold, ✗ where not):")
+    small = "; the smoke preset is too small to meet them" * (a.preset == "smoke")
+    print(f"premises (before RL; methods compare where they hold, ✗ where not{small}):")
     print("\n".join(premises_table(before["premises"], a.seed)))
     teacher = teacher.to(DTYPES[a.dtype]).requires_grad_(False)
     return Stages(proc, teacher, a.student or str(stage_paths(a)["warm-up"]), data,
                   before, key)
+
+def built_from(a: Args, data: Data):
+    """What premises and runs are built from: each stage's record (settings
+    and weights), each checkpoint's files, the data."""
+    return {"stages": {n: read(p / "stage.json") for n, p in stage_paths(a).items()},
+            "checkpoints": {p: checksums(p, ["."]) for p in (a.student, a.teacher) if p},
+            "data": data.fingerprint, "train_modality": a.train_modality}
 
 def run_method(a: Args, cfg, s: Stages):
     """Stages 4-5 for one method: RL, evaluation, results.json."""
@@ -1033,7 +1070,9 @@ def run_method(a: Args, cfg, s: Stages):
     res = evaluate(student, s.proc, s.data, cfg, a.device) | {"rl_seconds": time.time() - start}
     still, was = cliff_mask(student, s.proc, s.data.cliff, cfg, a.device), s.before["cliff_mask"]
     res["cliff_solved"] = sum(w and not n for w, n in zip(was, still)) / max(sum(was), 1)
-    write_json(folder / "results.json", res | {"run": run_name(a), "settings": settings})
+    files = checksums(folder, ["metrics.jsonl", "student"])
+    write_json(folder / "results.json", res | {"run": run_name(a), "settings": settings,
+                                               "files": files})
     (folder / "ckpt.pt").unlink(missing_ok=True)  # student/ holds the result
     return res
 
@@ -1052,13 +1091,12 @@ def cli(a: Args):
     except (UserError, OSError) as e:
         if isinstance(e, OSError) and e.errno != errno.ENOSPC:
             raise
-        why = e if isinstance(e, UserError) else f"the disk is full ({e.filename})"
+        why = e if isinstance(e, UserError) else f"the disk is full ({e.filename or a.out})"
         print(f"train_small.py: error: {why}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished stages and RL checkpoints (every --eval-every "
-              f"steps) are kept under {a.out}/; rerun the same command to continue "
-              "(with --resume for RL)", file=sys.stderr)
+        print(f"\ninterrupted: finished stages and RL checkpoints are kept under "
+              f"{a.out}/: rerun the command (with --resume for RL)", file=sys.stderr)
         sys.exit(130)
 
 

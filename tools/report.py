@@ -17,6 +17,7 @@ The measures of the paper's three claims, fixed before the runs (docs/RESULTS.md
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 RUNS = ["rl-grpo", "rl-opd", "rl-kdpo", "rl-kepo", "rl-kepo-tau0", "rl-kepo-tau2",
@@ -45,19 +46,27 @@ def mean_std(values):
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.3f} ± {std:.3f}"
 
+def read(path):
+    """A JSON file's, or a JSON-lines file's, records; one line if damaged."""
+    try:
+        lines = Path(path).read_text().splitlines() if path.suffix == ".jsonl" else [
+            Path(path).read_text()]
+        return [json.loads(x) for x in lines]
+    except (OSError, ValueError) as e:
+        sys.exit(f"report.py: error: {path} is damaged ({type(e).__name__}): rerun it")
+
 def collect(out, preset):
     """({seed: before_rl}, {run: {seed: results with the per-run measures}},
     {run: {seed: metrics}})."""
     befores, runs, curves = {}, {}, {}
     for path in sorted(Path(out).glob(f"{preset}-seed*/before_rl.json")):
         seed = int(path.parent.name.rsplit("-seed", 1)[1])
-        befores[seed] = json.loads(path.read_text())
+        befores[seed] = read(path)[0]
         for run in RUNS:
             folder = path.parent / run
             if not (folder / "results.json").exists():
                 continue
-            res = json.loads((folder / "results.json").read_text())
-            metrics = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+            res, metrics = read(folder / "results.json")[0], read(folder / "metrics.jsonl")
             res["max_drop"] = max_drop([m["eval/OOD"] for m in metrics if "eval/OOD" in m])
             for key in ("gate_frac", "hint_groups", "hint_injected", "cliff_groups"):
                 res[key] = statistics.mean(m.get(key, 0.0) for m in metrics)
@@ -79,6 +88,8 @@ def paired(runs, key, other, run="rl-kepo"):
 
 def report(out, preset):
     befores, runs, curves = collect(out, preset)
+    if not befores:
+        sys.exit(f"report.py: error: no {preset}-seed*/before_rl.json under {out}")
     seeds = sorted(befores)
     first = befores[seeds[0]]
     lines = [f"# {preset}: {len(seeds)} seeds ({', '.join(map(str, seeds))})", ""]
