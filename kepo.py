@@ -2,10 +2,10 @@
 
 KEPO is GRPO for vision-language models plus, from a stronger teacher,
 quality-gated on-policy distillation (a token-level generalized JSD on the
-student's own samples whose reward reaches tau) and hints: for a group with no
-correct rollout (the "learning cliff": all its advantages are 0) the teacher
-writes a hint from the ground truth, and correct samples drawn with it replace
-rollouts of the group under the original, hint-free prompt.
+student's samples whose reward reaches tau) and hints: for a group with no
+correct rollout (the "learning cliff": its advantages are all 0) the teacher
+writes a hint from the ground truth; correct samples drawn with it replace
+rollouts of the group, under the hint-free prompt.
 
 Eq. 7 as computed, minimised, on N = B*G rollouts y_i, r_i = accuracy + format:
     loss    = policy + distill_coef * distill
@@ -17,12 +17,13 @@ TRL (not eq. 7's 1/G weights). Methods: grpo; opd (GKD: the JSD on every
 rollout, no reward term); kdpo (grpo + gated JSD); kepo (kdpo + hints).
 
 Sections follow a step; eq. 7 is `kepo_backward`. "[ours]": the authors' code
-differs. One image per prompt: batch-first (LLaVA, Gemma 3) or patches with
-image_grid_thw (Qwen2-VL). Teacher and student share one tokenizer.
+differs. One image a prompt: batch-first (LLaVA, Gemma 3) or patches with
+image_grid_thw (Qwen2-VL). Teacher and student share a tokenizer.
 """
 import math
 import re
 import time
+from collections import namedtuple
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -34,12 +35,12 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 
 METHODS = ("grpo", "opd", "kdpo", "kepo")
-HINT_MODES = ("adaptive", "always")  # cliff groups only, or every group
+HINT_MODES = ("adaptive", "always")  # cliff groups, or all
 CLIFF_TRIGGERS = ("accuracy", "reward")  # no correct rollout, or all r = 0
 
 @dataclass
 class KEPOConfig:
-    """A step's settings; the defaults are the authors' released runs."""
+    """A step's settings; defaults: the authors' released runs."""
     group_size: int = 8  # G >= 2 samples per prompt
     temperature: float = 0.9  # > 0, of every generation
     top_p: float = 0.95  # in (0, 1]; top_k is always off
@@ -73,15 +74,14 @@ class KEPOConfig:
         for name, ok in rules.items():
             value = getattr(self, name)
             if not ok or isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"KEPOConfig.{name}={value!r}: out of range (see its comment)")
-
+                raise ValueError(f"KEPOConfig.{name}={value!r}: out of range")
 
 # ---- 1. Generation: G samples per prompt from the current student ----
 TOKEN_ALIGNED = ("token_type_ids", "mm_token_type_ids")  # [B, P], as ids
 
 def index_vision(vision, index):
     """Vision inputs of prompts `index` [M]: batch-first, or Qwen2-VL's
-    patches, split by image_grid_thw [B, 3] and regrouped."""
+    patches split by image_grid_thw [B, 3], regrouped."""
     if "image_grid_thw" not in vision:
         return {k: v[index] for k, v in vision.items()}
     sizes = vision["image_grid_thw"].prod(-1).tolist()
@@ -94,7 +94,7 @@ class PromptBatch:
     """B tokenized prompts, left-padded, with their vision inputs."""
     input_ids: torch.Tensor  # [B, P]
     attention_mask: torch.Tensor  # [B, P]
-    vision: dict = field(default_factory=dict)  # e.g. pixel_values [B, ...]
+    vision: dict = field(default_factory=dict)  # pixel_values [B, ...], ...
 
     def select(self, index):
         i = torch.as_tensor(index, dtype=torch.long, device=self.input_ids.device)
@@ -115,15 +115,15 @@ class Rollouts:
                         self.completion_mask[i], [self.texts[j] for j in i])
 
 def stop_ids(tokenizer, model):
-    """The tokenizer's EOS and the generation_config's (a chat model's end of turn)."""
+    """EOS ids: the tokenizer's and generation_config's (a chat turn's end)."""
     config = getattr(model, "generation_config", None)
     ids = getattr(config, "eos_token_id", None)
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     return sorted({tokenizer.eos_token_id, *ids} - {None})
 
 def suppressed_ids(tokenizer, model):
-    """Pad, BOS, UNK, image ids: never sampled (an image token breaks the
-    next forward), masked in scoring."""
+    """Pad, BOS, UNK, image ids: never sampled (an image token breaks a
+    forward), masked in scoring."""
     names = ("image_token_id", "image_token_index", "video_token_id",
              "vision_start_token_id", "vision_end_token_id")
     ids = {getattr(model.config, name, None) for name in names}
@@ -158,7 +158,7 @@ def generate_rollouts(model, tokenizer, prompts: PromptBatch, n, cfg: KEPOConfig
 
 def over_completion(model, vision, length):
     """`vision`, TOKEN_ALIGNED inputs extended over `length` new tokens by
-    the model's own (private) generate rule, which differs by family."""
+    the model's own (private) generate rule: it differs by family."""
     aligned = {k: v for k, v in vision.items() if k in TOKEN_ALIGNED}
     bare = getattr(model, "module", model)  # DDP wraps the model
     one = bare._update_model_kwargs_for_generation({}, dict(aligned)) if aligned else {}
@@ -185,7 +185,6 @@ def selective_logps(logits, ids, temperature):
     logps = (logits.float() / temperature).log_softmax(-1)
     return logps.gather(-1, ids[..., None]).squeeze(-1)
 
-
 # ---- 2. Reward r = accuracy + format; group-relative advantages ----
 _TAG = r"</?(?:think|answer)>"
 _FREE = rf"(?:(?!{_TAG}).)*"  # no think/answer tag inside
@@ -201,7 +200,7 @@ def format_reward(completions):
 
 def accuracy_reward(completions, answers):
     """[N] 1.0 iff the letter in the last <answer> is the answer. [ours]
-    "(B)", "B. cyst" read as B (theirs: math_verify, exact match)."""
+    "(B)", "B. cyst" read as B (theirs: math_verify, exact)."""
     if len(completions) != len(answers):
         raise ValueError("one answer a completion")
     scores = []
@@ -220,15 +219,13 @@ def group_advantages(rewards, group_size):
     centred = r - r.mean(1, keepdim=True)
     return (centred / (r.std(1, keepdim=True) + ADV_EPS)).view(-1)
 
-
 # ---- 3. Quality gate: distil only trajectories with r_i >= tau ----
 def quality_gate(rewards, tau):
     """[N] bool 1{r_i >= tau}: tau = 1 admits a well-formatted wrong answer."""
     return rewards >= tau
 
-
 # ---- 4. Token-level teacher divergence: GKD's generalized JSD ----
-JSD_CHUNK_TOKENS = 64  # tokens a chunk; its fp32 [64, V] is recomputed
+JSD_CHUNK_TOKENS = 64  # a chunk's fp32 [64, V] is recomputed
 
 def jsd_token_sum(student_logits, teacher_logits, beta, temperature):
     """[] beta KL(p_T||M) + (1-beta) KL(p_S||M), M = beta p_T + (1-beta) p_S,
@@ -247,7 +244,7 @@ def jsd_token_sum(student_logits, teacher_logits, beta, temperature):
 
 def generalized_jsd(student_logits, teacher_logits, mask, beta, temperature):
     """[] mean JSD over masked tokens (0 if none); logits [N, T, V], mask
-    [N, T]. Checkpointed chunks: no fp32 [N, T, V] is built."""
+    [N, T]. In checkpointed chunks: no fp32 [N, T, V]."""
     s, t = student_logits[mask.bool()], teacher_logits[mask.bool()]  # [M, V]
     if len(s) == 0:
         return student_logits.sum() * 0.0
@@ -256,19 +253,22 @@ def generalized_jsd(student_logits, teacher_logits, mask, beta, temperature):
                            use_reentrant=False) for s_part, t_part in chunks)
     return total / len(s)
 
-def gated_jsd_sum(student_logits, teacher, rollouts, gate, cfg, suppress):
-    """[] JSD summed over gated rows' tokens (gate [N]). [ours] The teacher
-    runs on them only; none gated: 0 (theirs: all rows, then 0/0)."""
+def gated_jsd_sum(student_logits, teacher, rollouts, gate, cfg, suppress, terms=None):
+    """[] JSD summed over gated rows' tokens (gate [N]); `terms` gets each
+    row's [T_i] terms. [ours] Teacher on them only; none: 0 (theirs: 0/0)."""
     rows = lockstep(gate.nonzero().flatten().tolist(), teacher)
     if not rows:
         return student_logits.sum() * 0.0
     with torch.no_grad():
         teacher_logits = completion_logits(teacher, rollouts.select(rows), suppress)
     mask = rollouts.completion_mask[rows] * gate[rows, None]  # a stand-in adds 0
-    jsd = generalized_jsd(student_logits[rows], teacher_logits, mask,
-                          cfg.beta_jsd, cfg.jsd_temperature)
+    beta, temperature = cfg.beta_jsd, cfg.jsd_temperature
+    jsd = generalized_jsd(student_logits[rows], teacher_logits, mask, beta, temperature)
+    if terms is not None:  # token by token
+        for s, t, m in zip(student_logits[rows].detach(), teacher_logits, mask.bool()):
+            terms += [torch.stack([jsd_token_sum(x[None], y[None], beta, temperature)
+                                   for x, y in zip(s[m], t[m])])] if m.any() else []
     return jsd * mask.sum()
-
 
 # ---- 5. Hint learning: the teacher writes hints from the ground truth ----
 HINT_RE = re.compile(r"<hint>(.*?)</hint>", re.S)
@@ -280,63 +280,67 @@ def extract_hint(text):
 
 @dataclass
 class HintPrompts:
-    """The caller's prompts for groups (of the B): the teacher, shown the
-    answer, asked for a <hint>; the student asked with it (and the answer:
-    the authors' "v1")."""
+    """The caller's prompts for groups (of the B): the teacher shown the
+    answer and asked for a <hint>; the student asked with it and the answer
+    (the authors' "v1")."""
     request: Callable[[list[int]], PromptBatch]
     hinted: Callable[[list[int], list[str]], PromptBatch]
 
 def write_hints(teacher, tokenizer, requests, cfg, suppress):
-    """A sampled hint per request, None without a tag."""
+    """A sampled hint a request, None without a tag."""
     out = generate_rollouts(teacher, tokenizer, requests, 1, cfg, suppress,
                             max_new_tokens=cfg.max_hint_tokens)
     return [extract_hint(t) for t in out.texts]
 
-
 # ---- 6. Rejection sampling: correct hinted samples join their group ----
 def cliff_groups(accuracy, rewards, group_size, trigger):
     """Groups with no correct rollout, or ("reward", theirs) all r = 0:
-    [ours] a trained model rarely fails the format too."""
+    [ours] a trained model rarely fails the format."""
     signal = {"accuracy": accuracy, "reward": rewards}[trigger]
     return (signal.view(-1, group_size).amax(1) == 0).nonzero().flatten().tolist()
 
+Hinted = namedtuple("Hinted", "ids text correct kept")
+
 def rejection_sample(student, tokenizer, hinted, answers, cfg, suppress):
-    """Up to K correct (ids [L], text) per hinted prompt in max_attempts tries
-    of K. [ours] Each is kept alone (theirs: all the device's, or none)."""
-    k, accepted = cfg.num_hinted, [[] for _ in answers]
+    """Per hinted prompt, its samples in max_attempts tries of K; the first
+    K correct kept, [ours] each alone (theirs: all or none)."""
+    k, drawn = cfg.num_hinted, [[] for _ in answers]
+    kept = lambda i: sum(s.kept for s in drawn[i])  # noqa: E731
     for _ in range(cfg.max_attempts):
-        todo = [i for i, kept in enumerate(accepted) if len(kept) < k]
-        todo = lockstep(todo, student)  # the same calls on every FSDP2 rank
+        # FSDP2: the same calls on every rank
+        todo = lockstep([i for i in range(len(drawn)) if kept(i) < k], student)
         if not todo:
             break
         out = generate_rollouts(student, tokenizer, hinted.select(todo), k, cfg, suppress)
         correct = accuracy_reward(out.texts, [answers[i] for i in todo for _ in range(k)])
-        for row in correct.nonzero().flatten().tolist():
+        for row, ok in enumerate(correct.bool().tolist()):
             i = todo[row // k]
-            if len(accepted[i]) < k:
-                ids = out.completion_ids[row][out.completion_mask[row].bool()]
-                accepted[i].append((ids, out.texts[row]))
-    return accepted
+            ids = out.completion_ids[row][out.completion_mask[row].bool()]
+            drawn[i].append(Hinted(ids, out.texts[row], ok, ok and kept(i) < k))
+    return drawn
 
 def inject(rollouts, rewards, group_size, accepted, pad_id):
-    """Rows of group g replaced by accepted[g], under their hint-free prompt,
-    unweighted. [ours] Distinct slots, lowest reward first."""
+    """Rows of group g replaced by accepted[g], under their hint-free
+    prompt, unweighted; and {row: (g, j, old text)}. [ours] Distinct
+    slots, lowest reward first."""
     seqs = [ids[m.bool()] for ids, m in zip(rollouts.completion_ids,
                                             rollouts.completion_mask)]
-    texts = list(rollouts.texts)
+    texts, replaced = list(rollouts.texts), {}
     for g, samples in accepted.items():
         group = rewards[g * group_size:(g + 1) * group_size]
         slots = g * group_size + torch.argsort(group, stable=True)
-        for slot, (ids, text) in zip(slots.tolist(), samples):
-            seqs[slot], texts[slot] = ids, text
+        for j, (slot, sample) in enumerate(zip(slots.tolist(), samples)):
+            replaced[slot] = (g, j, texts[slot])
+            seqs[slot], texts[slot] = sample.ids, sample.text
     ids = pad_sequence(seqs, batch_first=True, padding_value=pad_id)
     ones = [torch.ones_like(s, dtype=torch.int) for s in seqs]
     return replace(rollouts, completion_ids=ids, texts=texts,
-                   completion_mask=pad_sequence(ones, batch_first=True))
+                   completion_mask=pad_sequence(ones, batch_first=True)), replaced
 
 def knowledge_enhance(student, teacher, tokenizer, rollouts, rewards, answers,
-                      groups, hint_prompts, cfg, suppress):
-    """Hints for `groups`, rejection sampling, injection (answers [B])."""
+                      groups, hint_prompts, cfg, suppress, trace=None):
+    """Hints for `groups`, rejection sampling, injection (answers [B]);
+    `trace` gets hints {g: str or None}, hinted, replaced."""
     asked = lockstep(groups, student, teacher)
     if not asked:
         return rollouts, {}
@@ -348,12 +352,15 @@ def knowledge_enhance(student, teacher, tokenizer, rollouts, rewards, answers,
         hinted = hint_prompts.hinted(sampled, [written.get(g, "") for g in sampled])
         samples = rejection_sample(student, tokenizer, hinted,
                                    [answers[g] for g in sampled], cfg, suppress)
-    accepted = {g: s for g, s in zip(written, samples) if s}
+    drawn = dict(zip(written, samples))
+    accepted = {g: kept for g, s in drawn.items() if (kept := [x for x in s if x.kept])}
     stats = {"hint_groups": len(groups), "hint_written": len(written),
              "hint_accept_rate": len(accepted) / max(len(groups), 1),
              "hint_injected": sum(len(s) for s in accepted.values())}
-    return inject(rollouts, rewards, cfg.group_size, accepted, tokenizer.pad_token_id), stats
-
+    out, replaced = inject(rollouts, rewards, cfg.group_size, accepted, tokenizer.pad_token_id)
+    if trace is not None:
+        trace |= {"hints": dict(zip(groups, hints)), "hinted": drawn, "replaced": replaced}
+    return out, stats
 
 # ---- 7. Loss and step: eq. 7, then one optimizer step ----
 def k3_kl(logps, ref_logps):
@@ -367,8 +374,8 @@ def masked_mean_per_sequence(values, mask):
     return ((values * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 def policy_loss(logps, old_logps, advantages, mask, clip_eps, ref_logps, beta):
-    """[] clipped PPO surrogate (+ beta k3 KL), token mean per sequence, then
-    mean; [N, T] inputs, advantages [N]."""
+    """[] clipped PPO surrogate (+ beta k3 KL), a token mean per sequence,
+    then the mean; [N, T] inputs, advantages [N]."""
     ratio = torch.exp(logps - old_logps)
     a = advantages[:, None]
     per_token = -torch.min(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
@@ -377,8 +384,8 @@ def policy_loss(logps, old_logps, advantages, mask, clip_eps, ref_logps, beta):
     return masked_mean_per_sequence(per_token, mask)
 
 def reference_logps(ref_model, rollouts, logps, cfg, suppress):
-    """[N, T] log pi_ref, or None. Off the mask, the student's: ids there sit
-    near -1e9, ref - logp can be 128, and exp(128) * 0 is NaN."""
+    """[N, T] log pi_ref, or None; off the mask the student's (ids there sit
+    near -1e9, ref - logp can be 128, and exp(128) * 0 is NaN)."""
     if ref_model is None:
         return None
     with torch.no_grad():
@@ -387,22 +394,23 @@ def reference_logps(ref_model, rollouts, logps, cfg, suppress):
     return torch.where(rollouts.completion_mask.bool(), ref, logps.detach())
 
 def kepo_backward(student, teacher, rollouts, rewards, method, cfg, ref_model,
-                  suppress):
+                  suppress, trace=None):
     """Accumulate eq. 7's gradient on N scored rollouts (rewards [N]),
-    micro_batch_size rows at a time, each weighted by its share."""
+    micro_batch_size rows at a time, weighted by their share; `trace` gets
+    them, advantages, gate [N], jsd (gated_jsd_sum's terms)."""
     n = len(rewards)
     advantages = group_advantages(rewards, cfg.group_size)  # whole groups
     if method == "grpo":
-        gate = torch.zeros_like(rewards, dtype=torch.bool)  # no teacher term
+        gate = torch.zeros_like(rewards, dtype=torch.bool)
     elif method == "opd":  # GKD: every rollout distilled, no reward term
         gate = torch.ones_like(rewards, dtype=torch.bool)
         advantages = torch.zeros_like(advantages)
     else:
         gate = quality_gate(rewards, cfg.tau)
-    # the JSD's denominator: the step's gated tokens, all ranks
+    # the JSD's denominator: all ranks' gated tokens
     n_gated = all_ranks_sum(rollouts.completion_mask[gate].sum().float())
     chunks = torch.arange(n, device=rewards.device).split(cfg.micro_batch_size or n)
-    totals = {}
+    totals, terms = {}, None if trace is None else []
     for k, rows in enumerate(chunks):
         r, share = rollouts.select(rows), len(rows) / n
         logits = completion_logits(student, r, suppress)  # [m, T, V]
@@ -410,27 +418,31 @@ def kepo_backward(student, teacher, rollouts, rewards, method, cfg, ref_model,
         ref = reference_logps(ref_model, r, logps, cfg, suppress)
         policy = share * policy_loss(logps, logps.detach(), advantages[rows],
                                      r.completion_mask, cfg.clip_eps, ref, cfg.beta_rl)
-        # x world size: DDP and FSDP average the ranks' gradients
-        distill = gated_jsd_sum(logits, teacher, r, gate[rows], cfg,
-                                suppress) * world_size() / n_gated.clamp(min=1)
+        # x world size: DDP and FSDP average ranks' gradients
+        jsd = gated_jsd_sum(logits, teacher, r, gate[rows], cfg, suppress, terms)
+        distill = jsd * world_size() / n_gated.clamp(min=1)
         loss = policy + cfg.distill_coef * distill  # eq. 7, negated
         sync = k == len(chunks) - 1 or not hasattr(student, "no_sync")
-        with nullcontext() if sync else student.no_sync():  # DDP: all-reduce once
+        with nullcontext() if sync else student.no_sync():  # DDP: one all-reduce
             loss.backward()
         parts = {"loss": loss, "policy_loss": policy, "distill_loss": distill}
         if ref is not None:
             kl = k3_kl(logps.detach(), ref)
             parts["kl"] = share * masked_mean_per_sequence(kl, r.completion_mask)
         totals = {key: totals.get(key, 0.0) + v.item() for key, v in parts.items()}
+    if trace is not None:
+        trace |= {"rollouts": rollouts, "rewards": rewards, "advantages": advantages,
+                  "gate": gate, "jsd": terms}
     return totals | {"gate_frac": gate.float().mean().item()}
 
 def kepo_step(student, optimizer, tokenizer, prompts: PromptBatch, answers,
               cfg: KEPOConfig, method="kepo", teacher=None, ref_model=None,
-              hint_prompts: HintPrompts | None = None):
-    """One step on B prompts, answers [B]; returns metrics. Multi-GPU: each
-    rank its B prompts, a DDP student or FSDP2-sharded models."""
+              hint_prompts: HintPrompts | None = None, trace: dict | None = None):
+    """One step on B prompts, answers [B]; returns metrics; `trace` (a dict)
+    gets what it computed. Multi-GPU: each rank its B prompts, a DDP student
+    or FSDP2-sharded models."""
     check_step_inputs(method, teacher, ref_model, hint_prompts, cfg, prompts, answers)
-    policy = getattr(student, "module", student)  # DDP: sample with the bare model
+    policy = getattr(student, "module", student)  # DDP: sample unwrapped
     g, suppress = cfg.group_size, suppressed_ids(tokenizer, policy)
     row_answers = [a for a in answers for _ in range(g)]
     clock = time.perf_counter()
@@ -443,14 +455,14 @@ def kepo_step(student, optimizer, tokenizer, prompts: PromptBatch, answers,
     if method == "kepo":
         groups = cliff if cfg.hint_mode == "adaptive" else [*range(len(answers))]
         rollouts, hints = knowledge_enhance(policy, teacher, tokenizer, rollouts, acc + fmt,
-                                            answers, groups, hint_prompts, cfg, suppress)
+                                            answers, groups, hint_prompts, cfg, suppress, trace)
         m |= hints
     rewards = accuracy_reward(rollouts.texts, row_answers) + format_reward(
         rollouts.texts)  # rescored: injected rows are correct
     m["time/hints"], clock = time.perf_counter() - clock, time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     m |= kepo_backward(student, teacher, rollouts, rewards.to(prompts.input_ids.device),
-                       method, cfg, ref_model, suppress)
+                       method, cfg, ref_model, suppress, trace)
     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
     optimizer.step()
     m["time/loss_backward"] = time.perf_counter() - clock
@@ -461,7 +473,7 @@ def kepo_step(student, optimizer, tokenizer, prompts: PromptBatch, answers,
                 "completions/mean_length": length.float().mean().item()}
 
 def check_step_inputs(method, teacher, ref_model, hint_prompts, cfg, prompts, answers):
-    """Raise before any sampling if the step cannot run."""
+    """Raise before sampling if the step cannot run."""
     for bad, why in [(method not in METHODS, f"method must be in {METHODS}"),
                      (method != "grpo" and teacher is None, "it needs a teacher"),
                      (method == "kepo" and hint_prompts is None, "kepo needs hint_prompts"),
@@ -470,19 +482,18 @@ def check_step_inputs(method, teacher, ref_model, hint_prompts, cfg, prompts, an
         if bad:
             raise ValueError(why)
 
-
 # ---- 8. Multi-GPU plumbing: DDP and FSDP2 step as one process ----
 def world_size():
     dist = torch.distributed
     return dist.get_world_size() if dist.is_initialized() else 1
 
 def sharded(model):
-    """FSDP2-sharded? Then all ranks run the same forwards."""
+    """FSDP2-sharded? Then ranks run the same forwards."""
     return world_size() > 1 and isinstance(model, FSDPModule)
 
 def lockstep(rows, *models):
-    """`rows`, or a stand-in [0] to drop where models are sharded and only
-    other ranks have rows; [] if no rank has any."""
+    """`rows`, or a stand-in [0] to drop if models are sharded and only
+    other ranks have rows; [] if none has."""
     shards = [m for m in models if m is not None and sharded(m)]
     if not shards:
         return rows
@@ -491,7 +502,7 @@ def lockstep(rows, *models):
     return rows or ([0] if count.item() > 0 else [])
 
 def all_ranks_sum(x):
-    """x summed over the ranks, in place (x itself in one process)."""
+    """x summed over ranks, in place."""
     if world_size() > 1:
         torch.distributed.all_reduce(x)
     return x

@@ -1,8 +1,8 @@
-"""Tests. kepo.py's first, in its order, importing nothing from train_small.py (they travel
-with kepo.py): math against independent computations, the step's gradient against eq. 7
-by hand, KEPO's rules on a scripted policy, two processes (DDP, FSDP2) against one. Then
-train_small.py: the toy, its stages, its command line, other VLM families' checkpoints."""
+"""Tests. kepo.py's first, in its order, needing nothing else (they travel with kepo.py):
+maths against independent computations, the step against eq. 7 by hand, KEPO's rules on
+a scripted policy, two processes (DDP, FSDP2) against one. Then train_small.py's."""
 import datetime
+import doctest
 import json
 import math
 import os
@@ -87,8 +87,8 @@ def answer(letter):
     return f"<think> look </think> <answer> {letter} </answer>"
 
 class ScriptedVLM(torch.nn.Module):
-    """A tiny LLaVA for forwards whose `generate` writes rule(row, prompt ids) instead of
-    sampling; it records each call's batch size (calls) and settings (settings)."""
+    """A tiny LLaVA whose `generate` writes rule(row, prompt ids), not samples; it records
+    each call's batch size (calls) and settings."""
 
     def __init__(self, tok, rule, hidden=32, seed=0, logit_offset=0.0):
         super().__init__()
@@ -104,27 +104,28 @@ class ScriptedVLM(torch.nn.Module):
 
     def generate(self, input_ids, **kwargs):
         self.calls.append(("generate", len(input_ids)))
-        self.settings.append({k: v for k, v in kwargs.items() if k != "attention_mask"})
+        self.settings.append(kwargs)
         texts = [self.rule(i, row) for i, row in enumerate(input_ids.tolist())]
         seqs = [torch.tensor(self.tok(t).input_ids + [self.tok.eos_token_id]) for t in texts]
         return torch.cat([input_ids, pad_sequence(seqs, True, self.tok.pad_token_id)], 1)
 
 def scripted_step(tok, answers=("b", "a"), teacher_rule=lambda i, row: "<hint> look </hint>",
-                  **cfg):
-    """A KEPO step's pieces: a student right with a hint (the letter after "answer" in the
-    hinted prompt) and answering c without, a teacher, prompts, hint prompts, a config."""
+                  bare=lambda i: answer("c"), **cfg):
+    """A step's pieces: a student right with a hint (the letter after "answer"), writing
+    bare(row) without, a teacher, prompts, hint prompts, a config."""
     hint, word = tok.convert_tokens_to_ids("hint"), tok.convert_tokens_to_ids("answer")
     student = ScriptedVLM(tok, lambda i, row: answer(tok.decode(row[row.index(word) + 1]))
-                          if hint in row else answer("c"))
+                          if hint in row else bare(i))
     teacher, prompts = ScriptedVLM(tok, teacher_rule, 48, 1), prompt_batch(tok, ["what"] * 2)
     hints = kepo.HintPrompts(prompts.select, lambda idx, h: prompt_batch(
         tok, [f"hint {x} answer {answers[i]}" for i, x in zip(idx, h)]))
     config = kepo.KEPOConfig(**{"group_size": 4, "max_new_tokens": 8, "max_attempts": 1, **cfg})
     return student, teacher, prompts, hints, config
 
-def step(student, tok, prompts, cfg, method="kepo", teacher=None, ref=None, hints=None):
-    return kepo.kepo_step(student, torch.optim.SGD(student.parameters(), lr=0.0), tok, prompts,
-                          ["B", "A"], cfg, method, teacher, ref, hints)
+def step(student, tok, prompts, cfg, method="kepo", teacher=None, ref=None, hints=None,
+         trace=None, answers=("B", "A"), lr=0.0):
+    return kepo.kepo_step(student, torch.optim.SGD(student.parameters(), lr=lr), tok, prompts,
+                          list(answers), cfg, method, teacher, ref, hints, trace)
 
 def hand_jsd(s_logits, t_logits, beta, temperature):
     """Per-token generalized JSD from probabilities, written independently of kepo.py."""
@@ -142,8 +143,8 @@ def grads(model):
 
 # ---- 1. Generation ----
 def test_completion_mask_and_a_turns_end_ids():
-    """The mask ends at the first stop id; a chat model's turn ends at its generation_config
-    ids too (Gemma's <end_of_turn>), which are never suppressed."""
+    """The mask ends at the first stop id; a chat turn ends at generation_config's ids too
+    (Gemma's <end_of_turn>), never suppressed."""
     ids = torch.tensor([[5, 6, 2, 0, 0], [5, 2, 2, 2, 2], [5, 6, 7, 8, 9], [9, 7, 6, 2, 2]])
     assert kepo.completion_mask(ids, [2]).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0],
                                                        [1] * 5, [1] * 4 + [0]]
@@ -197,6 +198,12 @@ def test_scoring_reproduces_generate_logits(tok, device):
     assert scoring_matches_generate(tiny_vlm(tok).to(device), tok, prompts.select([0, 0, 1, 1]),
                                     device)
 
+# the other families' tiny text and vision towers
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+              image_size=56, patch_size=14)
+
 def tiny_qwen2_vl(seed=0, device="cpu"):
     """A Qwen2-VL (flattened patches, image_grid_thw, mm_token_type_ids), inputs by hand."""
     tok = make_tokenizer({"image_token": "<|image_pad|>", "start": "<|vision_start|>",
@@ -204,10 +211,8 @@ def tiny_qwen2_vl(seed=0, device="cpu"):
     ids = tok.convert_tokens_to_ids(["<|image_pad|>", "<|vision_start|>", "<|vision_end|>"])
     torch.manual_seed(seed)
     model = tr.Qwen2VLForConditionalGeneration(tr.Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                         max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        text_config=TEXT | dict(vocab_size=len(tok), max_position_embeddings=256,
+                                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
         vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
         image_token_id=ids[0], video_token_id=3, vision_start_token_id=ids[1],
@@ -235,9 +240,9 @@ def test_qwen2_vl_flattened_patches_score_and_train(device):
     before = [p.detach().clone() for p in model.parameters()]
     cfg = kepo.KEPOConfig(group_size=2, max_new_tokens=4, max_attempts=1, tau=0.0, hint_mode="always")
     m = kepo.kepo_step(model, torch.optim.SGD(model.parameters(), lr=0.5), tok, prompts, ["A", "B"],
-                       cfg, "kepo", tiny_qwen2_vl(1, device)[0], hint_prompts=kepo.HintPrompts(
-                           prompts.select, lambda idx, h: prompts.select(idx)))
-    assert math.isfinite(m["loss"]) and m["gate_frac"] == 1.0 and m["hint_groups"] == 2
+                       cfg, "kepo", tiny_qwen2_vl(1, device)[0], tiny_qwen2_vl(2, device)[0],
+                       kepo.HintPrompts(prompts.select, lambda idx, h: prompts.select(idx)))
+    assert all(map(math.isfinite, m.values())) and m["gate_frac"] == 1.0 and m["hint_groups"] == 2
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 def gemma3_and_processor(seed=0, words=WORDS, template=None):
@@ -251,11 +256,8 @@ def gemma3_and_processor(seed=0, words=WORDS, template=None):
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in specials.items()}
     torch.manual_seed(seed)
     model = tr.Gemma3ForConditionalGeneration(tr.Gemma3Config(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, head_dim=16,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=64),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=56, patch_size=14),
+        text_config=TEXT | dict(vocab_size=len(tok), head_dim=16, sliding_window=64),
+        vision_config=VISION,
         mm_tokens_per_image=4, image_token_index=ids["image_token"],
         boi_token_index=ids["boi_token"], eoi_token_index=ids["eoi_token"]))
     model.generation_config.eos_token_id = [2, ids["eot_token"]]
@@ -268,18 +270,15 @@ def paligemma_and_processor():
     images.image_seq_length = 16
     torch.manual_seed(0)
     model = tr.PaliGemmaForConditionalGeneration(tr.PaliGemmaConfig(
-        text_config=dict(model_type="gemma", vocab_size=len(tok), hidden_size=32, head_dim=16,
-                         intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=2),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32),
+        text_config=TEXT | dict(model_type="gemma", vocab_size=len(tok), head_dim=16),
+        vision_config=VISION | dict(projection_dim=32),
         image_token_index=tok.convert_tokens_to_ids("<image>"), projection_dim=32))
     return model, tr.PaliGemmaProcessor(image_processor=images, tokenizer=tok)
 
 @pytest.mark.parametrize("family", ["gemma3", "paligemma"])
 def test_token_type_ids_are_extended_as_generate_extends_them(family):
-    """0 over the completion for Gemma 3's text, 1 for PaliGemma's causal suffix (0 would let
-    a completion token see its future): scoring still reproduces generate."""
+    """0 over the completion for Gemma 3, 1 for PaliGemma's causal suffix (0 would let a token
+    see its future): scoring reproduces generate."""
     model, proc = {"gemma3": gemma3_and_processor, "paligemma": paligemma_and_processor}[family]()
     if family == "paligemma" and "_update_model_kwargs_for_generation" not in vars(type(model)):
         pytest.skip("this transformers' PaliGemma generates its suffix as prefix tokens")
@@ -372,8 +371,8 @@ def test_generalized_jsd_chunks_endpoints_bounds_and_edge_cases(monkeypatch):
 
 # ---- 7. Loss and step: eq. 7 against a hand computation ----
 def hand_loss(student, teacher, ref, r, rewards, method, cfg, suppress):
-    """Eq. 7 (negated) written out: a plain forward, suppressed ids dropped from the
-    vocabulary (probability 0), the sums over rows and tokens by hand."""
+    """Eq. 7 (negated) written out: a plain forward, suppressed ids dropped from the vocabulary
+    (probability 0), sums over rows and tokens by hand."""
     allowed = torch.tensor([i for i in range(student.config.text_config.vocab_size)
                             if i not in suppress])
     ids = torch.searchsorted(allowed, r.completion_ids)  # each id's place among the allowed
@@ -404,9 +403,8 @@ def hand_loss(student, teacher, ref, r, rewards, method, cfg, suppress):
 
 @pytest.mark.parametrize("method", kepo.METHODS)
 def test_the_step_loss_and_gradient_equal_eq7_by_hand(tok, method):
-    """kepo_backward at non-default temperature, beta_jsd, jsd_temperature, distill_coef and
-    beta_rl, in micro-batches of 3, equals eq. 7 by hand for every method, on completions of
-    different lengths with non-zero advantages."""
+    """kepo_backward at non-default temperature, beta_jsd, jsd_temperature, distill_coef,
+    beta_rl, micro-batches of 3, is eq. 7 by hand for each method (lengths differ)."""
     r, rewards = rollouts_of(tok, seed=3), torch.tensor([2.0, 0, 1, 0, 2, 2, 0, 1])
     cfg = kepo.KEPOConfig(group_size=4, temperature=0.7, beta_jsd=0.3, jsd_temperature=1.5,
                           distill_coef=0.5, beta_rl=0.1, micro_batch_size=3)
@@ -419,8 +417,8 @@ def test_the_step_loss_and_gradient_equal_eq7_by_hand(tok, method):
     assert torch.allclose(grads(student), grads(twin), atol=2e-6) and grads(twin).abs().max() > 1e-3
 
 def test_micro_batches_give_one_pass_and_bf16_models_keep_fp32_maths(tok):
-    """Chunks of 1, 3 and N rows (one gating nothing) give one pass's loss and gradient;
-    bf16 models give a distillation term within 1% of fp32 (the maths is fp32)."""
+    """Chunks of 1, 3 and N rows (one gating nothing) give one pass's loss and gradient; bf16
+    models a distillation term within 1% of fp32 (the maths is fp32)."""
     r, rewards, teacher = rollouts_of(tok), torch.tensor([2.0, 0, 1, 0, 0, 0, 2, 1]), tiny_vlm(tok, 48, 1)
     results = []
     for size in (None, 1, 3, 8):
@@ -459,8 +457,8 @@ def test_config_and_step_refuse_what_would_mean_something_else(tok):
     assert student.calls == []  # refused before any sampling
 
 def test_the_kl_to_a_reference_is_finite_after_early_eos(tok):
-    """Pad positions hold suppressed ids near -1e9, where a float32 step is 128: unmasked,
-    one policy's KL to itself would be NaN, not 0. For grpo and opd (which keeps beta_rl)."""
+    """Pad positions hold suppressed ids near -1e9 (a float32 step is 128): unmasked, a
+    policy's KL to itself would be NaN. For grpo and opd (it keeps beta_rl)."""
     rule = lambda i, row: answer("b") if i % 2 else answer("c") + " look at lesion"  # noqa: E731
     student, ref = ScriptedVLM(tok, rule, logit_offset=300.0), ScriptedVLM(tok, rule)
     cfg = kepo.KEPOConfig(group_size=2, max_new_tokens=12, beta_rl=0.1)
@@ -469,25 +467,9 @@ def test_the_kl_to_a_reference_is_finite_after_early_eos(tok):
         assert m["completions/mean_length"] < 12 and m["kl"] == pytest.approx(0, abs=1e-5)
         assert math.isfinite(m["loss"])
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_kepo_step_runs_and_changes_weights(tok, device):
-    student, teacher = tiny_vlm(tok).to(device), tiny_vlm(tok, 48, 1).to(device)
-    prompts = prompt_batch(tok, ["what finding is shown options a b", "what"], device)
-    hints = kepo.HintPrompts(prompts.select, lambda idx, h: prompt_batch(
-        tok, [f"hint {x} what" for x in h], device))
-    cfg = kepo.KEPOConfig(group_size=4, max_new_tokens=6, max_hint_tokens=6, max_attempts=2,
-                          tau=0.0, hint_mode="always")
-    before = [p.detach().clone() for p in student.parameters()]
-    torch.manual_seed(0)
-    m = kepo.kepo_step(student, torch.optim.AdamW(student.parameters(), lr=1e-2), tok, prompts,
-                       ["A", "B"], cfg, "kepo", teacher, tiny_vlm(tok).to(device), hints)
-    assert m["distill_loss"] > 0 and m["gate_frac"] == 1.0 and m["hint_groups"] == 2
-    assert all(math.isfinite(v) for v in m.values())
-    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
-
 def test_the_step_samples_with_the_configs_settings(tok):
-    """Rollouts, hints and hinted samples are drawn with the config's temperature and top_p
-    (top_k off), their token caps, the stop and suppressed ids; greedy is greedy."""
+    """Rollouts, hints and hinted samples use the config's temperature, top_p (top_k off),
+    token caps, stop and suppressed ids; greedy is greedy."""
     student, teacher, prompts, hints, cfg = scripted_step(
         tok, temperature=0.7, top_p=0.8, max_new_tokens=9, max_hint_tokens=3)
     step(student, tok, prompts, cfg, "kepo", teacher, None, hints)
@@ -496,79 +478,90 @@ def test_the_step_samples_with_the_configs_settings(tok):
                    suppress_tokens=kepo.suppressed_ids(tok, student))
     used = lambda m: [{k: s.get(k) for k in [*sampled, "max_new_tokens"]} for s in m.settings]  # noqa
     assert used(student) == [sampled | {"max_new_tokens": 9}] * 2  # rollouts, hinted samples
+    assert student.settings[0]["attention_mask"].shape == (8, 5)
     assert used(teacher) == [sampled | {"max_new_tokens": 3}]
     kepo.generate_rollouts(student, tok, prompts, 1, cfg, [], greedy=True)
     assert student.settings[-1]["do_sample"] is False and "top_p" not in student.settings[-1]
 
 def test_the_step_zeroes_clips_and_applies_its_gradient(tok, monkeypatch):
-    """Each step's gradient is its own (zeroed first), clipped to max_grad_norm (grad_norm is
-    the norm before), then applied; each phase's clock starts where the last ended."""
+    """A step's gradient is its own (zeroed first), clipped to max_grad_norm (grad_norm: the
+    norm before), applied; a phase's clock starts where the last ended."""
     clock = iter(range(100))
     monkeypatch.setattr(kepo, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     student, teacher, prompts, hints, cfg = scripted_step(tok, max_grad_norm=1e-3)
-    runs = [kepo.kepo_step(student, torch.optim.SGD(student.parameters(), lr=lr), tok, prompts,
-                           ["B", "A"], cfg, "kepo", teacher, None, hints) | {"grad": grads(student)}
-            for lr in (0.0, 0.0)]
+    runs = [step(student, tok, prompts, cfg, "kepo", teacher, None, hints) | {"grad": grads(student)}
+            for _ in range(2)]
     assert runs[0]["grad_norm"] == runs[1]["grad_norm"] > 1e-2
     assert torch.equal(runs[0]["grad"], runs[1]["grad"])
     assert torch.linalg.vector_norm(runs[1]["grad"]).item() == pytest.approx(1e-3, rel=1e-4)
     assert all(runs[1][f"time/{k}"] == 1 for k in ("generate", "hints", "loss_backward"))
     before = [p.detach().clone() for p in student.parameters()]
-    kepo.kepo_step(student, torch.optim.SGD(student.parameters(), lr=1.0), tok, prompts,
-                   ["B", "A"], cfg, "kepo", teacher, None, hints)
+    step(student, tok, prompts, cfg, "kepo", teacher, None, hints, lr=1.0)
     moved = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, student.parameters())
                        if p.grad is not None])
     assert torch.allclose(moved, grads(student), rtol=0, atol=1e-7) and moved.abs().max() > 1e-6
 
-def test_only_kepo_hints_adaptive_on_cliff_groups_always_on_every_group(tok):
-    """Group 0 has correct rollouts, group 1 none: "adaptive" hints group 1, "always" both;
-    no other method asks the teacher for a hint."""
+@pytest.mark.parametrize("trigger", kepo.CLIFF_TRIGGERS)
+def test_rule_hints_trigger_per_group_on_the_cliff(tok, trigger):
+    """Group 0 right, group 1 formatted but wrong (r = 1): a cliff for "accuracy", not the
+    authors' "reward" (all r = 0). "adaptive" hints cliff groups, "always" both; only kepo
+    asks for hints."""
     for method in kepo.METHODS:
-        for mode, hinted in (("adaptive", 1), ("always", 2)):
-            student, teacher, prompts, hints, cfg = scripted_step(tok, ("c", "a"), hint_mode=mode)
-            m = kepo.kepo_step(student, torch.optim.SGD(student.parameters(), lr=0.0), tok,
-                               prompts, ["C", "A"], cfg, method, teacher, None, hints)
+        for mode, hinted in (("adaptive", int(trigger == "accuracy")), ("always", 2)):
+            student, teacher, prompts, hints, cfg = scripted_step(
+                tok, ("c", "a"), hint_mode=mode, cliff_trigger=trigger)
+            m = step(student, tok, prompts, cfg, method, teacher, None, hints, answers="CA")
             asked = [n for call, n in teacher.calls if call == "generate"]
-            assert asked == [hinted] * (method == "kepo")
+            assert asked == [hinted] * (method == "kepo" and hinted > 0)
             assert m.get("hint_groups", 0) == hinted * (method == "kepo")
+    acc, fmt = torch.tensor([0.0, 0, 1, 0, 0, 0]), torch.tensor([1.0, 0, 0, 0, 0, 0])
+    assert kepo.cliff_groups(acc, acc + fmt, 2, trigger) == ([0, 2] if trigger == "accuracy" else [2])
 
-def test_accepted_hinted_samples_of_different_lengths_carry_their_own_tokens(tok):
-    """Hinted samples padded to one length in their call: each keeps its own tokens (and the
-    stop id), and takes its slot with its own mask."""
+def test_hinted_samples_of_different_lengths_keep_their_own_tokens(tok):
+    """Padded to one length in their call, each keeps its tokens and stop id, no pad."""
     student = ScriptedVLM(tok, lambda i, row: answer("b") + " look" * (2 * i))
     cfg = kepo.KEPOConfig(group_size=4, num_hinted=3, max_attempts=1)
-    accepted = kepo.rejection_sample(student, tok, prompt_batch(tok, ["hint"]), ["B"], cfg, [])[0]
-    lengths = [len(tok(text).input_ids) + 1 for _, text in accepted]
-    assert [len(ids) for ids, _ in accepted] == lengths == [7, 9, 11]
-    r = rollouts_of(tok, n=4)
-    out = kepo.inject(r, torch.zeros(4), 4, {0: accepted}, pad_id=0)
-    assert out.completion_mask.sum(1)[:3].tolist() == lengths
-    assert out.completion_mask.dtype == r.completion_mask.dtype
-    assert tok.batch_decode(out.completion_ids[:3], skip_special_tokens=True) == [
-        t for _, t in accepted]
+    drawn = kepo.rejection_sample(student, tok, prompt_batch(tok, ["hint"]), ["B"], cfg, [])[0]
+    assert [s.ids.tolist() for s in drawn] == [tok(s.text).input_ids + [2] for s in drawn]
+    assert [len(s.ids) for s in drawn] == [7, 9, 11]
+
+def test_rule_injection_keeps_the_hint_free_prompt_and_the_trace_is_the_steps(tok):
+    """Correct hinted samples replace a group's lowest-reward rows, hint-free prompt kept,
+    rescored (r = 2, A > 0). The trace is the step's: advantages from its rewards, gated
+    r >= tau (opd: all, grpo: none), per-token JSDs summing to the distillation sum."""
+    for method in kepo.METHODS:  # rows 0 and 4 unformatted (r = 0), the rest r = 1
+        student, teacher, prompts, hints, cfg = scripted_step(
+            tok, bare=lambda i: "c" if i % 4 == 0 else answer("c"), tau=2.0)
+        trace = {}
+        m = step(student, tok, prompts, cfg, method, teacher, None, hints, trace)
+        r, rewards = trace["rollouts"], trace["rewards"]
+        groups = rewards.view(2, 4).tolist()
+        adv = [(x - statistics.mean(g)) / (statistics.stdev(g) + 1e-4) for g in groups for x in g]
+        assert torch.allclose(trace["advantages"], torch.tensor(adv) * (method != "opd"), atol=1e-6)
+        gate = {"grpo": rewards > 9, "opd": rewards > -9}.get(method, rewards >= 2)
+        assert torch.equal(trace["gate"], gate) and m["gate_frac"] == gate.float().mean()
+        assert [len(t) for t in trace["jsd"]] == r.completion_mask[gate].sum(1).tolist()
+        jsd_sum = sum(t.sum().item() for t in trace["jsd"])
+        assert jsd_sum == pytest.approx(m["distill_loss"] * r.completion_mask[gate].sum().item())
+        assert ("replaced" in trace) == (method == "kepo")
+    assert trace["replaced"] == {0: (0, 0, "c"), 1: (0, 1, answer("c")), 4: (1, 0, "c"),
+                                 5: (1, 1, answer("c"))}
+    assert rewards.tolist() == [2, 2, 1, 1, 2, 2, 1, 1] and m["hint_injected"] == 4
+    assert (trace["advantages"][rewards == 2] > 0).all() and m["distill_loss"] > 0
+    assert [r.texts[i] for i in (0, 1, 4, 5)] == [s.text for g in (0, 1) for s in trace["hinted"][g]]
+    assert torch.equal(r.prompts.input_ids, prompts.select([0] * 4 + [1] * 4).input_ids)
+    assert trace["hints"] == {0: "look", 1: "look"}
 
 
 # ---- KEPO's rules, on a scripted policy (each broken in a copy fails its test) ----
-def test_rule_injection_keeps_the_hint_free_prompt_and_rescores(tok, monkeypatch):
-    """Correct hinted samples replace rollouts under the original, hint-free prompt, rescored
-    (r = 2, positive advantage); at tau = 2 the gate admits exactly those rows."""
-    student, teacher, prompts, hints, cfg = scripted_step(tok, tau=2.0)
-    seen, real = {}, kepo.kepo_backward
-    monkeypatch.setattr(kepo, "kepo_backward", lambda *a: seen.setdefault("a", a) and real(*a))
-    m = step(student, tok, prompts, cfg, "kepo", teacher, None, hints)
-    rollouts, rewards = seen["a"][2], seen["a"][3]
-    assert rollouts.texts == [answer(x) for x in "bbccaacc"] and m["hint_injected"] == 4
-    assert torch.equal(rollouts.prompts.input_ids, prompts.select([0] * 4 + [1] * 4).input_ids)
-    assert rewards.tolist() == [2, 2, 1, 1, 2, 2, 1, 1] and m["gate_frac"] == 0.5
-    assert (kepo.group_advantages(rewards, 4)[rewards == 2] > 0).all()
-
 def test_rule_each_correct_hinted_sample_is_accepted_on_its_own(tok):
     """K = 2 and one correct sample in each try of two: each is kept (all-or-nothing: none)."""
     student = ScriptedVLM(tok, lambda i, row: answer("b" if i % 2 == 0 else "c"))
     for k, attempts, kept in ((2, 1, 1), (2, 2, 2), (3, 1, 2), (3, 2, 3)):
         cfg = kepo.KEPOConfig(group_size=4, num_hinted=k, max_attempts=attempts)
         accepted = kepo.rejection_sample(student, tok, prompt_batch(tok, ["hint"]), ["B"], cfg, [])
-        assert [text for _, text in accepted[0]] == [answer("b")] * kept
+        assert [s.text for s in accepted[0] if s.kept] == [answer("b")] * kept
+        assert [s.correct for s in accepted[0]] == [True, False, True][:k] * attempts
     right = ScriptedVLM(tok, lambda i, row: answer("b"))  # done at the first try: no second
     kepo.rejection_sample(right, tok, prompt_batch(tok, ["hint"]), ["B"], cfg, [])
     assert right.calls == [("generate", 3)]
@@ -579,24 +572,16 @@ def test_rule_injection_replaces_distinct_failed_slots_first(tok):
     r = kepo.Rollouts(prompt_batch(tok, [f"p{i}" for i in range(12)]), pad_sequence(seqs, True),
                       pad_sequence([torch.ones_like(s, dtype=torch.int) for s in seqs], True),
                       [f"t{i}" for i in range(12)])
-    new = [(torch.tensor([7] * 5), "h0"), (torch.tensor([8]), "h1")]
+    new = [kepo.Hinted(torch.tensor([7] * 5), "h0", True, True),
+           kepo.Hinted(torch.tensor([8]), "h1", True, True)]
     rewards = torch.tensor([1.0, 0, 2, 0, 0, 0, 0, 0, 2, 1, 0, 1])
-    out = kepo.inject(r, rewards, 4, {0: new, 2: new[:1]}, pad_id=0)
+    out, replaced = kepo.inject(r, rewards, 4, {0: new, 2: new[:1]}, pad_id=99)
     assert out.texts == ["t0", "h0", "t2", "h1", *r.texts[4:8], "t8", "t9", "h0", "t11"]
-    assert out.completion_ids[3].tolist() == [8, 0, 0, 0, 0] and out.completion_mask[1].sum() == 5
-    assert out.completion_ids[9, :2].tolist() == r.completion_ids[9, :2].tolist()
+    assert replaced == {1: (0, 0, "t1"), 3: (0, 1, "t3"), 10: (2, 0, "t10")}
+    assert out.completion_ids[3].tolist() == [8] + [99] * 4 and out.completion_mask[1].sum() == 5
+    assert out.completion_mask.dtype == r.completion_mask.dtype
+    assert out.completion_ids[9].tolist() == [19] + [99] * 4  # untouched, padded with pad_id
     assert torch.equal(out.prompts.input_ids, r.prompts.input_ids)
-
-@pytest.mark.parametrize("trigger,hinted", [("accuracy", True), ("reward", False)])
-def test_rule_hints_trigger_per_group_on_the_cliff(tok, trigger, hinted):
-    """Every rollout well formatted but wrong (r = 1): a cliff for "accuracy", not for the
-    authors' "reward" (all r = 0)."""
-    student, teacher, prompts, hints, cfg = scripted_step(tok, cliff_trigger=trigger)
-    m = step(student, tok, prompts, cfg, "kepo", teacher, None, hints)
-    assert m["sample_accuracy"] == 0 and m.get("hint_groups", 0) == 2 * hinted
-    assert (("generate", 2) in teacher.calls) == hinted
-    acc, fmt = torch.tensor([0.0, 0, 1, 0, 0, 0]), torch.tensor([1.0, 0, 0, 0, 0, 0])
-    assert kepo.cliff_groups(acc, acc + fmt, 2, trigger) == ([0, 2] if hinted else [2])
 
 def test_rule_the_gate_admits_r_at_least_tau_and_the_teacher_sees_only_those_rows(tok):
     """The teacher's forward covers the gated rows only; an empty gate calls no teacher, gives 0."""
@@ -626,11 +611,11 @@ def test_rule_a_group_without_a_hint_tag_is_not_sampled(tok):
 
 
 # ---- Multi-GPU: two processes (DDP, FSDP2) step as one process on the global batch ----
-WORKER_TIMEOUT = 60  # seconds a rank waits in a collective: a rank left waiting fails
+WORKER_TIMEOUT = 60  # seconds a rank waits in a collective, then fails
 
 def shard(model):
-    """FSDP2 as a sharded trainer applies it: each block transformers keeps whole, then the
-    root; `generate` gathers the root's weights like a forward."""
+    """FSDP2 as a trainer applies it: each block transformers keeps whole, then the root;
+    `generate` gathers the root's weights like a forward."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     for module in model.modules():
         if type(module).__name__ in model._no_split_modules:
@@ -640,8 +625,8 @@ def shard(model):
     return model
 
 def distributed_worker(mode):
-    """`torchrun --nproc_per_node 2 test_kepo.py --worker ddp|shard`: fixed rollouts, half
-    on each rank; loss and gradients against one process on all of them."""
+    """`torchrun --nproc_per_node 2 test_kepo.py --worker ddp|shard`: fixed rollouts, half a
+    rank; loss and gradients against one process on all."""
     from torch.distributed.tensor import DTensor
     tok, cfg = make_tokenizer(), kepo.KEPOConfig(group_size=2, micro_batch_size=3)
     teacher, r, single = tiny_vlm(tok, 48, 1), rollouts_of(tok), tiny_vlm(tok)
@@ -665,12 +650,12 @@ def distributed_worker(mode):
     if mode == "shard":
         sharded_work_differs_by_rank(tok, student, teacher, rank)
     del model
-    dist.barrier()  # gloo frees finished all_reduces after the caller moves on: drain first
+    dist.barrier()  # gloo frees finished all_reduces once the caller moves on: drain
     dist.destroy_process_group()
 
 def sharded_work_differs_by_rank(tok, student, teacher, rank):
-    """Sampling where rank 1 stops first, a step where only rank 0 has a cliff group, rejection
-    sampling where rank 1 is done at once: each sharded forward still runs on both ranks."""
+    """Rank 1 stops sampling first, only rank 0 has a cliff group, rank 1 is done rejection
+    sampling at once: each sharded forward still runs on both ranks."""
     prompts = prompt_batch(tok, ["what is shown", "look at lesion"])
     cfg = kepo.KEPOConfig(group_size=2, max_new_tokens=4, max_hint_tokens=4, max_attempts=3)
     others = [i for i in range(len(tok)) if i != tok.eos_token_id] if rank == 1 else []
@@ -683,7 +668,7 @@ def sharded_work_differs_by_rank(tok, student, teacher, rank):
     assert m.get("hint_groups", 0) == (1 if rank == 0 else 0), m
     kepo.accuracy_reward = lambda texts, answers: torch.full((len(texts),), float(rank == 1))
     accepted = kepo.rejection_sample(student, tok, prompts, ["a", "b"], cfg, [])
-    assert [len(a) for a in accepted] == ([0, 0] if rank == 0 else [2, 2])
+    assert [sum(s.kept for s in a) for a in accepted] == ([0, 0] if rank == 0 else [2, 2])
     print(f"rank {rank}: sharded work in lockstep")
 
 @pytest.mark.parametrize("mode", ["ddp", "shard"])
@@ -734,7 +719,7 @@ def test_smoke_pipeline_trains_at_every_step_and_the_student_reloads(smoke):
     assert re.search(r"\| base student names the organ, worst modality \(\w+\) \| [0-9.]+", stdout)
     before = json.loads((out / "smoke-seed1" / "before_rl.json").read_text())
     assert len(before["premises"]) == 6 and "| chance |" in stdout
-    assert "the smoke preset is too small to meet them" in stdout
+    assert "the smoke preset is too small for them" in stdout
     lines = metrics(out)
     assert [m["step"] for m in lines] == list(range(1, 7))
     assert all(m["grad_norm"] > 0 and m["loss"] != 0 and m["reward_std"] > 0 and m["gate_frac"] > 0
@@ -755,6 +740,33 @@ def test_readme_usage_snippet_runs_as_written(smoke, tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
     opd = next(line for line in readme.splitlines() if line.startswith("| `opd`"))
     assert "beta_rl" in opd  # kepo.py keeps the k3 KL for opd
+
+def test_the_rollout_log_and_page_show_every_logged_group(smoke):
+    """rollouts.jsonl: each logged step's groups, metrics.jsonl's loss parts; the page: every
+    group and rollout, a completion made of HTML (gated or not) as text, no link out."""
+    import rollouts
+    from html.parser import HTMLParser
+    run = smoke[0] / "smoke-seed1" / "rl-kepo"
+    recs = [json.loads(x) for x in (run / "rollouts.jsonl").read_text().splitlines()]
+    by_step = {m["step"]: m for m in metrics(smoke[0])}
+    assert [r["step"] for r in recs] == [s for s in (1, 2, 4, 6) for _ in range(4)]
+    assert all(r["loss"] == {k: by_step[r["step"]][k] for k in r["loss"]} for r in recs)
+    assert {len(r["rollouts"]) for r in recs} == {8} and any("hint" in r for r in recs)
+    assert any("injected" in x for r in recs for x in r["rollouts"]) and "hinted: " in smoke[1]
+    html = ["<script>", "x", "</script>", "</div>"]
+    rows = [{"text": "".join(html), "tokens": 4, "accuracy": 0, "format": 0, "reward": 0,
+             "advantage": 0, "gated": g, **({"token_text": html, "jsd": [0.1] * 4} if g else {})}
+            for g in (False, True)]
+    evil = recs[0] | {"rollouts": rows}
+    for page, groups in (((run / "rollouts.html").read_text(), recs), (rollouts.page([evil]), [evil])):
+        tags = []
+        parser = HTMLParser()
+        parser.handle_starttag = lambda tag, attrs: tags.append((tag, dict(attrs).get("class")))
+        parser.feed(page)
+        assert sum(t == "div" and c.startswith("group") for t, c in tags if c) == len(groups)
+        assert tags.count(("tr", "rollout")) == sum(len(g["rollouts"]) for g in groups)
+        assert "script" not in {t for t, _ in tags} and not re.search("https?://", page)
+    assert page.count("&lt;script&gt;") == 2 and page.count("&lt;/div&gt;") == 2
 
 def test_compare_runs_every_method_from_one_cached_student(smoke, tmp_path):
     out = copy_of(smoke, tmp_path)
@@ -780,6 +792,8 @@ def test_killed_run_resumes_exactly_and_never_mixes_settings(smoke, tmp_path):
     resumed = run_script(*flags, "--resume")
     assert resumed.returncode == 0 and "resumed" in resumed.stdout, resumed.stderr[-3000:]
     assert metrics(out) == metrics(smoke[0]) and not ckpt.exists()
+    log = lambda root: (root / "smoke-seed1" / "rl-kepo" / "rollouts.jsonl").read_text()  # noqa
+    assert log(out) == log(smoke[0])
     a, cfg = ts.Args(**ts.PRESETS["smoke"], out=str(out)), kepo.KEPOConfig()
     settings = json.loads((ckpt.parent / "results.json").read_text())["settings"]
     assert ts.finished_or_resumable(a, ckpt.parent, settings)["settings"] == settings  # reused
@@ -792,8 +806,8 @@ def test_killed_run_resumes_exactly_and_never_mixes_settings(smoke, tmp_path):
                                          ("--base-steps", ["smoke-base", "smoke-seed1/student_init"]),
                                          ("--warm-steps", ["smoke-seed1/student_init"])])
 def test_a_rebuilt_stage_gives_a_fresh_folders_premises(smoke, tmp_path, flag, stages):
-    """A stage rebuilt with other settings: its children are refused until rebuilt too, and
-    the premises are the fresh folder's, not the old stage's."""
+    """A stage rebuilt with other settings: its children are refused until rebuilt too; the
+    premises are a fresh folder's."""
     old, flags = copy_of(smoke, tmp_path / "old"), [*SMOKE, flag, "5", "--steps", "0"]
     for stage in stages:
         assert refused(run_script(*flags, "--out", str(old)), f"cached stage .*{stage} was built "
@@ -806,8 +820,8 @@ def test_a_rebuilt_stage_gives_a_fresh_folders_premises(smoke, tmp_path, flag, s
     assert table(rebuilt.stdout) == table(fresh.stdout) != table(smoke[1].replace("stage 4", "greedy"))
 
 def test_a_byte_identical_rebuild_reuses_runs_whose_files_are_checked(smoke, tmp_path):
-    """A stage rebuilt to the same bytes keeps its runs (nothing is keyed by time); a finished
-    run's damaged file is named; a checkpoint whose weights change is another input."""
+    """A stage rebuilt to the same bytes keeps its runs (no key holds a time); a run's damaged
+    file is named; a checkpoint whose weights change is another input."""
     out = copy_of(smoke, tmp_path / "out", drop=())
     (out / "smoke-seed1" / "student_init" / "stage.json").unlink()
     proc = run_script(*SMOKE, "--out", str(out))
@@ -831,7 +845,6 @@ def test_a_byte_identical_rebuild_reuses_runs_whose_files_are_checked(smoke, tmp
     (["--steps", "-1"], "--steps and --micro-batch must be >= 0"),
     (["--tau", "nan"], r"--tau must be in \[0, 2\]"),
     (["--lr", "inf"], "--lr must be finite and > 0"),
-    (["--lr", "nan"], "--lr must be finite and > 0"),
     (["--teacher-lr", "1e999"], "--teacher-lr must be finite and > 0"),
     (["--seed", "99999999999999999999"], r"--seed must be in \[0, 2\*\*63\)"),
     (["--method", "ppo"], "argument --method: invalid choice"),
@@ -852,7 +865,7 @@ def test_bad_flags_are_refused_in_one_line_before_any_work(tmp_path, flags, mess
     proc = run_script("--preset", "smoke", *out, *flags, cwd=tmp_path)
     assert refused(proc, "^train_small.py: error: " + message), proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1  # no usage block
-    assert not list((tmp_path / "runs").glob("*"))  # nothing was trained or written
+    assert not list((tmp_path / "runs").glob("*"))  # nothing written
 
 def test_help_shows_every_default():
     shown = " ".join(run_script("--help").stdout.split())
@@ -867,35 +880,28 @@ def test_damaged_files_are_named_and_never_trusted_and_a_full_disk_says_so(smoke
                                                                            monkeypatch):
     out = copy_of(smoke, tmp_path, drop=())
     root, stage = out / "smoke-seed1", out / "smoke-teacher"
-    for path in (root / "before_rl.json", stage / "stage.json", root / "rl-kepo" / "results.json"):
-        path.write_text(path.read_text()[:20])  # truncated
+    run = root / "rl-kepo"
+    for path, read in ((root / "before_rl.json", ts.read), (run / "results.json", ts.read),
+                       (run / "metrics.jsonl", ts.read_jsonl), (run / "ckpt.pt", ts.load_checkpoint),
+                       (stage / "stage.json", ts.read)):
+        path.write_text("{")  # cut short
         with pytest.raises(ts.UserError, match=f"{path} is damaged"):
-            ts.read(path)
+            read(path)
     assert refused(run_script(*SMOKE, "--out", str(out)), f"{stage / 'stage.json'} is damaged")
     (stage / "model.safetensors").write_bytes(b"not a model")
     with pytest.raises(ts.UserError, match=f"{stage} cannot be loaded"):
         ts.load_model(stage, "cpu", "cached stage")
-    (root / "rl-kepo" / "metrics.jsonl").write_text("{")
-    with pytest.raises(ts.UserError, match="metrics.jsonl is damaged"):
-        ts.read_jsonl(root / "rl-kepo" / "metrics.jsonl")
-    (root / "ckpt.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ts.UserError, match="ckpt.pt is damaged"):
-        ts.load_checkpoint(root / "ckpt.pt")
     (tmp_path / "ckpt.pt").write_text("previous")
     monkeypatch.setattr(ts.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 0))
-    with pytest.raises(ts.UserError, match="ckpt.pt: the disk is full"):
-        ts.write_atomically(tmp_path / "ckpt.pt", full_disk)
-    assert (tmp_path / "ckpt.pt").read_text() == "previous" and not (tmp_path / "ckpt.pt.tmp").exists()
 
-    class SafetensorError(Exception):  # what safetensors raises on a full disk
-        pass
-
-    def save(folder):  # a folder half written
+    def save(folder):  # a folder half written, then safetensors' error
         os.makedirs(folder)
-        raise SafetensorError("No space left on device")
-    with pytest.raises(ts.UserError, match="student: the disk is full"):
-        ts.write_atomically(tmp_path / "student", save)
-    assert not list(tmp_path.glob("student*"))
+        raise type("SafetensorError", (Exception,), {})("No space left on device")
+    for name, write in (("ckpt.pt", full_disk), ("student", save)):
+        with pytest.raises(ts.UserError, match=f"{name}: the disk is full"):
+            ts.write_atomically(tmp_path / name, write)
+    assert (tmp_path / "ckpt.pt").read_text() == "previous"
+    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "student").exists()
     with pytest.raises(ts.UserError, match="cannot write .*nowhere/metrics.jsonl"):
         ts.append_line(tmp_path / "nowhere" / "metrics.jsonl", "{}")
 
@@ -954,12 +960,8 @@ def test_the_warm_up_lists_biased_answers_first_unless_hinted():
 
 def test_report_by_hand(tmp_path):
     """tools/report.py on two made-up seeds: largest OOD drop, mean ± std, KEPO minus GRPO."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("report", os.path.join(HERE, "tools", "report.py"))
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
-    assert report.max_drop([0.4, 0.5, 0.3, 0.45, 0.2, 0.6]) == pytest.approx(0.3)
-    assert report.max_drop([0.1, 0.2, 0.3]) == 0
+    import report  # tools/ is on sys.path: train_small.py puts it there
+    assert (result := doctest.testmod(report)).attempted and not result.failed
     row = {"mri": 0.5, "q/anatomy": 0.5, "ID": 0.5, "OOD": 0.3}
     for seed, ood in ((1, {"rl-grpo": 0.30, "rl-kepo": 0.40}), (2, {"rl-grpo": 0.50, "rl-kepo": 0.45})):
         root = tmp_path / f"cpu-seed{seed}"
@@ -987,7 +989,7 @@ def test_report_by_hand(tmp_path):
 
 # ---- Your own data and checkpoints (--data, --student, --teacher) ----
 def write_jsonl(folder, per_modality=12):
-    """Toy questions as image files and OmniMedVQA-style records (upper-case letters)."""
+    """Toy questions as image files and OmniMedVQA records (upper-case letters)."""
     lines = []
     for m in ("mri", "ct", "xray"):
         for i, e in enumerate(ts.make_split(5, "jsonl", m, per_modality)):
@@ -1045,7 +1047,7 @@ def test_a_jsonl_test_question_is_never_trained_on_whatever_the_seed(tmp_path):
     assert len(splits[0].test) == 3 * 2  # 20% of 12, per modality
 
 def chat_words():
-    """The words a chat checkpoint is asked in (instructions, toy questions and options)."""
+    """The words a chat checkpoint is asked in (instructions, questions, options)."""
     e = ts.make_split(0, "words", "mri", 1)[0]
     texts = [ts.prompt_text(e, True), ts.hint_request_text(e, True), ts.hinted_text(e, "x", True)]
     vocab = ts.build_processor().tokenizer.get_vocab()
@@ -1053,8 +1055,8 @@ def chat_words():
                   | {w for w in vocab if w[0] != "<"})
 
 def save_checkpoint(path, family, hidden, seed, end=""):
-    """A tiny checkpoint saved with its processor and a chat template, in bf16 as released
-    checkpoints are, its tokenizer right-padded as some are."""
+    """A tiny checkpoint with processor and chat template, bf16 and right-padded as some
+    released ones are."""
     template = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
                 "IMAGE {% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}" + end)
     if family == "gemma3":

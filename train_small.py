@@ -2,9 +2,7 @@
 
     python train_small.py                  # KEPO, default preset (one GPU)
     python train_small.py --preset smoke   # every stage on a CPU in seconds
-    python train_small.py --preset cpu     # the README's results, CPU-sized
     python train_small.py --compare        # grpo, opd, kdpo, kepo, one student
-    python train_small.py --steps 0        # the stages and the premises only
     python train_small.py --data omni.jsonl --student ckpt/s --teacher ckpt/t
 
 Stages, cached under --out: 1 a teacher that knows every modality and writes
@@ -29,10 +27,10 @@ import shutil
 import string
 import sys
 import time
+from collections import namedtuple
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
-
 
 # ---- Config: one dataclass; a preset overrides defaults, flags both ----
 def arg(default, help):
@@ -45,35 +43,35 @@ class Args:
     compare: bool = arg(False, "all four methods, one warm student")
     seed: int = arg(1, "fixes data, init and sampling")
     device: str = arg("auto", "auto | cpu | cuda[:N]")
-    out: str = arg("runs", "cache and output folder")
-    resume: bool = arg(False, "continue an interrupted RL run")
-    group_size: int = arg(8, "G, completions per prompt")
+    out: str = arg("runs", "cache and output")
+    resume: bool = arg(False, "continue an interrupted run")
+    group_size: int = arg(8, "G, completions a prompt")
     tau: float = arg(1.0, "quality gate: r >= tau")
     hint_mode: str = arg("adaptive", "adaptive (cliff groups) | always")
     max_new_tokens: int = arg(12, "completion and hint cap")
     micro_batch: int = arg(0, "rows a forward+backward (0: all)")
-    dtype: str = arg("fp32", "fp32 | bf16 (teacher, reference, autocast)")
-    steps: int = arg(200, "RL steps (0: the stages and premises only)")
-    batch_prompts: int = arg(64, "B, prompts per RL step")
-    lr: float = arg(3e-4, "RL learning rate, every method")
+    dtype: str = arg("fp32", "fp32 | bf16 (teacher, reference)")
+    steps: int = arg(200, "RL steps (0: stages and premises)")
+    batch_prompts: int = arg(64, "B, prompts a step")
+    lr: float = arg(3e-4, "RL learning rate")
     train_modality: str = arg("mri", "RL's modality")
-    eval_every: int = arg(25, "steps between OOD-curve points and checkpoints")
+    eval_every: int = arg(25, "steps between OOD points and checkpoints")
     data: str = arg("", "OmniMedVQA-style JSONL (needs --student)")
     n_train: int = arg(600, "RL training questions")
-    n_test: int = arg(200, "held-out questions per modality")
-    n_cliff: int = arg(192, "train prompts the cliff is measured on")
+    n_test: int = arg(200, "held-out questions a modality")
+    n_cliff: int = arg(192, "train prompts to measure the cliff on")
     student: str = arg("", "local VLM checkpoint to train")
     teacher: str = arg("", "local VLM checkpoint, the teacher")
     teacher_width: int = arg(128, "toy teacher: hidden size")
     teacher_layers: int = arg(2, "toy teacher: layers")
     teacher_steps: int = arg(7000, "teacher SFT steps")
-    teacher_lr: float = arg(1e-3, "teacher SFT learning rate")
+    teacher_lr: float = arg(1e-3, "teacher SFT lr")
     n_pool: int = arg(1500, "images per modality, teacher and base")
     student_width: int = arg(48, "toy student: hidden size")
     student_layers: int = arg(2, "toy student: layers")
-    sft_lr: float = arg(1e-3, "base and warm-up learning rate")
-    sft_batch: int = arg(64, "batch size of the supervised stages")
-    base_steps: int = arg(1000, "base student pretraining steps")
+    sft_lr: float = arg(1e-3, "base and warm-up lr")
+    sft_batch: int = arg(64, "supervised stages' batch")
+    base_steps: int = arg(1000, "base student steps")
     warm_steps: int = arg(2400, "student warm-up steps")
     n_warm: int = arg(1000, "warm-up questions")
 
@@ -118,15 +116,15 @@ def check_args(a: Args):
     checks = [
         (not ints, f"{flag(ints)} must be >= 1"),
         (not lrs, f"{flag(lrs)} must be finite and > 0"),
-        (a.group_size >= 2, "--group-size must be >= 2: advantages compare"),
+        (a.group_size >= 2, "--group-size must be >= 2"),
         (min(a.steps, a.micro_batch) >= 0, "--steps and --micro-batch must be >= 0"),
-        (0 <= a.tau <= 2, "--tau must be in [0, 2] (r = accuracy + format)"),
+        (0 <= a.tau <= 2, "--tau must be in [0, 2]"),
         (0 <= a.seed < 2**63, "--seed must be in [0, 2**63)"),  # torch's seeds
         (a.n_train >= a.batch_prompts, "--n-train must be >= --batch-prompts"),
         (a.n_cliff <= a.n_train, "--n-cliff must be <= --n-train"),
         (bool(a.student) == bool(a.teacher), "--student and --teacher go together"),
-        (not a.data or a.student, "--data needs --student and --teacher: the toy's "
-                                  "models know the toy's words only"),
+        (not a.data or a.student, "--data needs --student and --teacher (the toy's "
+                                  "models know its words only)"),
         (not a.data or os.path.isfile(a.data), f"--data {a.data}: no such file"),
         (a.device in ("auto", "cpu") or a.device.split(":")[0] == "cuda",
          f"--device {a.device}: auto, cpu or cuda[:N]"),
@@ -146,7 +144,6 @@ def out_error(out):
     except OSError as e:
         return f"--out {out}: cannot write there ({e.strerror})"
 
-
 if __name__ == "__main__":
     ARGS = parse_args()  # before the heavy imports: a bad flag answers at once
 
@@ -163,51 +160,53 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 import kepo  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "tools"))
+import rollouts  # noqa: E402  (tools/rollouts.py)
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 class UserError(ValueError):
-    """A user's input or files: one line, no traceback."""
-
+    """Bad input or files: one line, no traceback."""
 
 # ---- Stage 4: RL on the train modality, one kepo_step per batch ----
 PROGRESS_SECONDS = 10  # a progress line at least this often
+LOGS = ("metrics.jsonl", "rollouts.jsonl")  # RL's logs, a line a step or group
 
-@dataclass
-class Stages:
-    """What stages 1-3 leave for RL, shared by the methods."""
-    proc: object  # both models'
-    teacher: torch.nn.Module
-    student_src: str  # the warm student: every method starts there
-    data: Data
-    before: dict  # before_rl.json
-    key: dict  # what the stages were built from
+# What stages 1-3 leave RL; warm: the warm student's folder; key: built_from
+Stages = namedtuple("Stages", "proc teacher warm data before key")
 
 def rl(a: Args, cfg, s: Stages, folder: Path, settings: dict):
     """RL from the warm student; metrics.jsonl; returns it."""
-    ref = load_model(s.student_src, a.device, "the warm student", DTYPES[a.dtype])
-    ref.requires_grad_(False)  # the reference of the `kl` metric
-    student = load_model(s.student_src, a.device, "the warm student")
+    ref = load_model(s.warm, a.device, "the warm student", DTYPES[a.dtype])
+    ref.requires_grad_(False)  # the `kl` metric's reference
+    student = load_model(s.warm, a.device, "the warm student")
     opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.0)
     start, ckpt = resume(a, folder / "ckpt.pt", student, opt), folder / "ckpt.pt"
-    metrics = read_jsonl(folder / "metrics.jsonl")
-    kept = "".join(json.dumps(m) + "\n" for m in metrics if m["step"] <= start)
-    write_atomically(folder / "metrics.jsonl", lambda p: Path(p).write_text(kept))
+    for log in LOGS:
+        keep_until(folder / log, start)
     t0 = shown = time.time()
     for step in range(start + 1, a.steps + 1):
-        # a function of (seed, step): a resumed run sees the same prompts
+        # a function of (seed, step): a resumed run sees the same
         exs = random.Random(f"{a.seed}-rl-{step}").sample(s.data.train, a.batch_prompts)
+        curve = step % a.eval_every == 0 or step == a.steps
+        trace = {} if curve or step == 1 else None  # a logged step
         with torch.autocast(torch.device(a.device).type, torch.bfloat16, a.dtype == "bf16"):
             m = kepo.kepo_step(student, opt, s.proc.tokenizer, student_prompts(
                 s.proc, exs, a.device), [e.answer for e in exs], cfg, a.method,
-                s.teacher, ref, hint_prompts(exs, s.proc, a.device)) | {"step": step}
-        if step % a.eval_every == 0 or step == a.steps:
+                s.teacher, ref, hint_prompts(exs, s.proc, a.device), trace) | {"step": step}
+        if curve:
             hits = correctness(student, s.proc, s.data.curve, cfg, a.device)
             m["eval/OOD"] = summarize(s.data.curve, hits, s.data)["OOD"]
         append_line(folder / "metrics.jsonl", json.dumps(m))
-        if time.time() - shown > PROGRESS_SECONDS or "eval/OOD" in m:
+        if trace is not None:
+            recs = rollouts.records(step, exs, trace, m, s.proc.tokenizer)
+            append_line(folder / "rollouts.jsonl", "\n".join(map(json.dumps, recs)))
+        if time.time() - shown > PROGRESS_SECONDS or curve:
             shown = progress(f"step {step:4d}/{a.steps} reward {m['reward']:.2f} acc "
                              f"{m['sample_accuracy']:.2f} cliff {m['cliff_groups']:.2f} "
                              f"gate {m['gate_frac']:.2f}", a.steps - step, step - start, t0)
+        if curve and (line := rollouts.summary(recs, cfg.num_hinted)):
+            print(line)
         if step % a.eval_every == 0:
             state = {"model": student.state_dict(), "optimizer": opt.state_dict(),
                      "rng": [torch.get_rng_state(), torch.cuda.get_rng_state_all()],
@@ -215,18 +214,24 @@ def rl(a: Args, cfg, s: Stages, folder: Path, settings: dict):
             write_atomically(ckpt, partial(torch.save, state))
     write_atomically(folder / "student", lambda d: (student.save_pretrained(d),
                                                      s.proc.save_pretrained(d)))
+    print(f"  rollouts: {rollouts.write_page(folder)} (.jsonl: the log)")
     return student
 
 
+def keep_until(path, step):
+    """A JSON-lines log cut to steps <= step."""
+    kept = "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r["step"] <= step)
+    write_atomically(path, lambda p: Path(p).write_text(kept))
+
 def progress(line, left, done, start):
-    """Prints `line`, the rate and the time left; returns the time."""
+    """Prints `line`, the rate, the time left; returns now."""
     rate = done / (time.time() - start)
     print(f"  {line} | {rate:.2f} steps/s ETA {left / rate:.0f}s")
     return time.time()
 
 def resume(a: Args, ckpt: Path, student, opt):
     """The last finished step: the checkpoint's with --resume, with the RNG
-    (a resumed run samples alike); its settings were checked at the start."""
+    (a resumed run samples alike); its settings are checked."""
     torch.manual_seed(a.seed)
     if not (a.resume and ckpt.exists()):
         return 0
@@ -238,11 +243,10 @@ def resume(a: Args, ckpt: Path, student, opt):
     print(f"resumed {ckpt.parent} at step {state['step']}")
     return state["step"]
 
-
 # ---- Stage 5 and the premises: greedy accuracy, chance, the cliff ----
-EVAL_BATCH = 256  # rows per generate call in evaluation
-CURVE_SHARE = 0.25  # of each modality's test questions make the OOD curve
-# The premises, measured before RL; the toy is calibrated on these alone
+EVAL_BATCH = 256  # rows a generate call in evaluation
+CURVE_SHARE = 0.25  # of each modality's test set: the OOD curve
+# The premises, measured before RL: the toy is calibrated on these alone
 TEACHER_MIN_QTYPE = 0.90  # teacher accuracy, every question type
 TEACHER_MIN_MODALITY = 0.85  # teacher accuracy, every modality
 ROOM = 0.15  # warm student: OOD >= chance + ROOM; ID, OOD <= teacher - ROOM
@@ -252,7 +256,7 @@ BASE_MIN = 0.85  # the base student names the organ, every modality
 @torch.no_grad()
 def completions(model, proc, examples, texts, cfg, device, n=1, greedy=True,
                 max_new_tokens=None):
-    """n completions of each prompt in `texts`, EVAL_BATCH rows a call."""
+    """n completions of each prompt, EVAL_BATCH rows a call."""
     out, size = [], max(EVAL_BATCH // n, 1)
     suppress = kepo.suppressed_ids(proc.tokenizer, model)
     for i in range(0, len(examples), size):
@@ -281,7 +285,7 @@ def coherent(examples, texts):
     return torch.tensor([float(agree(e, t)) for e, t in zip(examples, texts)])
 
 def evaluate(model, proc, data: Data, cfg, device):
-    """Greedy accuracy on the test set (see summarize) and the coherent share."""
+    """Greedy accuracy on the test set (summarize), the coherent share."""
     texts = completions(model, proc, data.test, [prompt_text(e, chat(proc)) for e in data.test],
                         cfg, device)
     res = summarize(data.test, kepo.accuracy_reward(texts, [e.answer for e in data.test]), data)
@@ -289,7 +293,7 @@ def evaluate(model, proc, data: Data, cfg, device):
     return res | {"coherence/ID": coherence["ID"], "coherence/OOD": coherence["OOD"]}
 
 def summarize(examples, correct, data: Data):
-    """Accuracy per modality and question type; ID, and the OOD mean."""
+    """Accuracy per modality and question type, ID, the OOD mean."""
     def mean(keep):
         hits = [c for e, c in zip(examples, correct.tolist()) if keep(e)]
         return sum(hits) / max(len(hits), 1)
@@ -300,13 +304,13 @@ def summarize(examples, correct, data: Data):
                   "OOD": sum(res[m] for m in ood) / max(len(ood), 1)}
 
 def cliff_mask(model, proc, examples, cfg, device):
-    """Per prompt: are all G samples, drawn as in RL, wrong?"""
+    """Per prompt: are all G samples (drawn as in RL) wrong?"""
     right = correctness(model, proc, examples, cfg, device, cfg.group_size, False)
     cliff = kepo.cliff_groups(right, right, cfg.group_size, "accuracy")
     return [i in cliff for i in range(len(examples))]
 
 def premises(rows, cliff, described):
-    """The toy's premises with their targets (min, max), before RL."""
+    """The toy's premises before RL, with targets (min, max)."""
     t, s, c = rows["teacher"], rows["student (before RL)"], rows["chance"]
     qtypes = [k for k in t if k.startswith("q/")]
     q = min(qtypes, key=t.get)
@@ -344,7 +348,7 @@ def before_rl(a: Args, cfg, proc, teacher, student, data: Data, key: dict):
     for name, model in (("teacher", teacher), ("student (before RL)", student)):
         rows[name] = evaluate(model, proc, data, cfg, a.device)
     described, base = None, stage_paths(a).get("base")
-    if base:  # per modality, the share of descriptions that name the organ
+    if base:  # per modality, the descriptions naming the organ
         texts = completions(load_model(base, a.device, "the base stage"), proc, data.test,
                             [DESCRIBE_PROMPT] * len(data.test), cfg, a.device,
                             max_new_tokens=DESCRIBE_TOKENS)
@@ -363,11 +367,10 @@ def md_table(head, rows):
     return [f"| {' | '.join(head)} |", "|---" * len(head) + "|"] + [
         f"| {' | '.join(r)} |" for r in cells]
 
-
 # ---- Stages 1-3: teacher, base student and warm-up, supervised ----
-HINT_SHARE = 0.25  # of the teacher's prompts ask for a hint given the answer
-HINTED_SHARE = 0.3  # of the warm-up prompts carry the hint: learn to use one
-REPLAY_SHARE = 0.5  # of each warm-up batch replays the describe task
+HINT_SHARE = 0.25  # of the teacher's prompts ask for a hint
+HINTED_SHARE = 0.3  # of warm-up prompts carry the hint: learn to use one
+REPLAY_SHARE = 0.5  # of a warm-up batch replays the describe task
 MODALITY_SHARE = 0.2  # of warm-up questions ask an image's modality
 BIASED = ("grading", "attribute")  # the warm-up lists their answer first
 MAX_GRAD_NORM = 1.0  # clipping in the supervised stages
@@ -381,11 +384,11 @@ def supervised_stages(a: Args, proc, data: Data):
     teacher = sft_stage(a, paths["teacher"], proc, partial(build_vlm, tok, *t_size),
                         partial(teacher_batch, pool=data.pool), PRETRAIN_SEED,
                         stage_config(a, t_size, a.teacher_steps, a.teacher_lr),
-                        "stage 1: teacher SFT on every modality, hints too")
+                        "stage 1: teacher, every modality, hints too")
     sft_stage(a, paths["base"], proc, partial(build_vlm, tok, *size),
               partial(describe_batch, pool=data.pool), PRETRAIN_SEED,
               stage_config(a, size, a.base_steps, a.sft_lr),
-              "stage 2: base student, describing images of every modality")
+              "stage 2: base student, describing every modality")
     base = read(paths["base"] / "stage.json")  # the warm-up's parent
 
     def init():  # the base, vision frozen (LLaVA's instruction tuning)
@@ -445,7 +448,7 @@ def sft_stage(a: Args, path: Path, proc, init, draw_batch, seed, config, title):
     return model
 
 def teacher_batch(rng, n, pool):
-    """Fresh questions about pool images; HINT_SHARE ask for a hint."""
+    """Fresh questions on pool images; HINT_SHARE ask for a hint."""
     exs = [rng.choice(pool) for _ in range(n)]
     exs = [any_question(rng, e) for e in exs]
     hint = [rng.random() < HINT_SHARE for _ in exs]
@@ -453,7 +456,7 @@ def teacher_batch(rng, n, pool):
             [hint_text(e) if h else answer_text(e) for e, h in zip(exs, hint)])
 
 def describe_batch(rng, n, pool):
-    """The base's task: describe an image (no question, no options)."""
+    """The base's task: describe an image (no question)."""
     exs = [rng.choice(pool) for _ in range(n)]
     return exs, [DESCRIBE_PROMPT] * n, [describe_text(e.case) for e in exs]
 
@@ -480,15 +483,11 @@ def answer_first(e):
     return replace(e, options=(e.truth, *others), answer="a")
 
 def checkpoints(a: Args):
-    """--student/--teacher for stages 1-3: (processor, teacher, student)."""
-    procs = []
-    for flag, path in (("--student", a.student), ("--teacher", a.teacher)):
-        try:
-            procs.append(AutoProcessor.from_pretrained(path))
-        except Exception as e:
-            raise UserError(f"{flag} {path}: cannot load its processor "
-                            f"({type(e).__name__}: {str(e)[:200]})") from e
-        procs[-1].tokenizer.padding_side = "left"  # whatever it was saved with
+    """--student/--teacher as stages 1-3: (processor, teacher, student)."""
+    procs = [loaded(f"{flag} {path}'s processor", AutoProcessor.from_pretrained, path)
+             for flag, path in (("--student", a.student), ("--teacher", a.teacher))]
+    for proc in procs:
+        proc.tokenizer.padding_side = "left"  # whatever it was saved with
     if procs[0].tokenizer.get_vocab() != procs[1].tokenizer.get_vocab():
         raise UserError("--teacher and --student have different vocabularies: "
                         "token-level distillation needs one")
@@ -498,9 +497,8 @@ def checkpoints(a: Args):
     teacher = load_model(a.teacher, a.device, "--teacher", DTYPES[a.dtype])
     return procs[0], teacher, load_model(a.student, a.device, "--student")
 
-
 # ---- Models and prompts: the toy's tokenizer and VLM, built in code ----
-# The toy's models learn a bare layout; a chat model (--student) is asked in words:
+# The toy's models learn a bare layout; a chat model (--student) is asked:
 STUDENT_ASK = ("Think it through inside <think> </think> tags, then give the letter "
                "of the correct option inside <answer> </answer> tags.")
 TEACHER_ASK = ("The correct answer is ({letter}) {truth}. Write a short hint inside "
@@ -510,7 +508,7 @@ HINTED_ASK = ("Hint: {hint}\nThe correct answer is ({letter}). Reason towards it
               "without mentioning the hint or that you were given the answer.")
 TAGS = ["<think>", "</think>", "<answer>", "</answer>", "<hint>", "</hint>"]
 DESCRIBE_PROMPT = "describe the image"  # the base student's task
-DESCRIBE_TOKENS = 16  # the longest description: 13 words and EOS
+DESCRIBE_TOKENS = 16  # the longest: 13 words and EOS
 WORD_SPLIT = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
                                       pre_tokenizers.Punctuation()])
 
@@ -518,7 +516,7 @@ def chat(proc):
     return bool(getattr(proc, "chat_template", None))  # a model for instructions
 
 def prompt_text(ex, words=False):
-    """The question and its options (`words`: sentences, for chat models)."""
+    """The question and options (`words`: sentences, for chat models)."""
     if words:
         options = "\n".join(f"({ABC[i]}) {o}" for i, o in enumerate(ex.options))
         return f"{ex.question}\n{options}\n{STUDENT_ASK}"
@@ -526,7 +524,7 @@ def prompt_text(ex, words=False):
                                                   for i, o in enumerate(ex.options))
 
 def hint_request_text(ex, words=False):
-    """The teacher is shown the answer and asked for a hint."""
+    """The teacher, shown the answer, asked for a hint."""
     if words:
         ask = TEACHER_ASK.format(letter=ex.answer, truth=ex.truth)
         return prompt_text(ex, True).replace(STUDENT_ASK, ask)
@@ -545,7 +543,7 @@ def hint_text(ex):
     return f"<hint> {ex.evidence} </hint> <eos>"
 
 def build_processor():
-    """A word-level tokenizer over the toy's words, a SigLIP image processor."""
+    """A word-level tokenizer of the toy's words, a SigLIP image processor."""
     words = set(LETTERS) | set(MODALITIES + ORGANS + FINDINGS + list(GRADES) + COUNTS)
     words |= {",", "left", "right", "options", "answer", "hint", "modality", "organ",
               "finding", "size", "count", "side", *DESCRIBE_PROMPT.split()}
@@ -575,12 +573,11 @@ def word_tokenizer(words, specials, image_token):
 
 def build_vlm(tok, hidden, layers):
     """A LLaVA, random init: SigLIP vision (IMAGE_TOKENS patches), Qwen2 text."""
-    vision = SiglipVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden,
-                                num_hidden_layers=layers, num_attention_heads=4,
-                                image_size=IMAGE_SIZE, patch_size=PATCH)
-    text = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                       num_hidden_layers=layers, num_attention_heads=4,
-                       num_key_value_heads=4, max_position_embeddings=128,
+    size = dict(hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=4)
+    vision = SiglipVisionConfig(**size, image_size=IMAGE_SIZE, patch_size=PATCH)
+    text = Qwen2Config(**size, vocab_size=len(tok), num_key_value_heads=4,
+                       max_position_embeddings=128,
                        tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     return LlavaForConditionalGeneration(LlavaConfig(
@@ -589,7 +586,7 @@ def build_vlm(tok, hidden, layers):
         vision_feature_layer=-1, vision_feature_select_strategy="full"))
 
 def user_turn(proc, text):
-    """The image and `text` in the model's chat template, or `<image> text`."""
+    """The image and `text` in the chat template, or `<image> text`."""
     if not chat(proc):
         return f"{proc.image_token} {text}"
     turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
@@ -602,30 +599,26 @@ def encode(proc, examples, texts, device, targets=()):
     full = [user_turn(proc, t) + (f" {targets[i]}" if targets else "")
             for i, t in enumerate(texts)]
     if all(e.pixels is not None for e in examples):
-        image, pad = proc.image_token, proc.tokenizer.pad_token_id
-        ids = proc.tokenizer([t.replace(image, image * IMAGE_TOKENS) for t in full]).input_ids
-        width = max(map(len, ids))
-        pixels = torch.stack([e.pixels for e in examples]).float()
-        enc = {"input_ids": torch.tensor([[pad] * (width - len(i)) + i for i in ids]),
-               "attention_mask": torch.tensor([[0] * (width - len(i)) + [1] * len(i)
-                                               for i in ids]),
-               "pixel_values": (pixels * (1 / 255) - PIXEL_MEAN) / PIXEL_STD}
+        image, pixels = proc.image_token, torch.stack([e.pixels for e in examples]).float()
+        enc = proc.tokenizer([t.replace(image, image * IMAGE_TOKENS) for t in full],
+                             padding=True, return_tensors="pt")
+        enc = dict(enc) | {"pixel_values": (pixels * (1 / 255) - PIXEL_MEAN) / PIXEL_STD}
     else:  # a list of images per prompt: the form every processor reads
         images = [[Image.open(e.image).convert("RGB") if e.image else draw(e.case)]
                   for e in examples]
         enc = proc(text=full, images=images, return_tensors="pt", padding=True)
-    # the forward's prompt inputs (a processor's labels are not one)
+    # the forward's prompt inputs (not a processor's labels)
     vision = {k: v.to(device) for k, v in enc.items()
               if k not in ("input_ids", "attention_mask", "labels")}
     return kepo.PromptBatch(enc["input_ids"].to(device), enc["attention_mask"].to(device),
                             vision)
 
 def student_prompts(proc, exs, device):
-    """A step's hint-free prompts, worded for the model (see `chat`)."""
+    """A step's hint-free prompts, worded for the model."""
     return encode(proc, exs, [prompt_text(e, chat(proc)) for e in exs], device)
 
 def hint_prompts(exs, proc, device):
-    """The hint prompt builders of a step; groups index `exs`."""
+    """A step's hint prompt builders; groups index `exs`."""
     def prompts(groups, texts):
         return encode(proc, [exs[g] for g in groups], texts, device)
     words = chat(proc)
@@ -633,7 +626,6 @@ def hint_prompts(exs, proc, device):
         lambda gs: prompts(gs, [hint_request_text(exs[g], words) for g in gs]),
         lambda gs, hints: prompts(gs, [hinted_text(exs[g], h, words)
                                        for g, h in zip(gs, hints)]))
-
 
 # ---- Toy medical VQA: cases, images, questions, the splits of a run ----
 MODALITIES = ["ct", "dermoscopy", "fundus", "mri", "microscopy", "oct", "ultrasound", "xray"]
@@ -644,7 +636,7 @@ ORGAN_SHAPES = {"brain": [("ellipse", (7, 6, 41, 42))],  # ImageDraw calls
 ORGANS, FINDINGS = list(ORGAN_SHAPES), ["normal", "tumor", "cyst", "bleed"]
 GRADES = {"small": 3, "medium": 5, "large": 7}  # lesion radius in pixels
 CYST_WALL, BLUR_RADIUS = 2, 0.6  # pixels: a cyst is a ring, a tumor a disc
-NOISE = {"fan": 40 / 255, "other": 14 / 255}  # noise blended in (ultrasound's grain)
+NOISE = {"fan": 40 / 255, "other": 14 / 255}  # noise blended in (ultrasound: grain)
 COUNTS, SLOTS = ["one", "two", "three"], [(16, 17), (32, 17), (16, 31), (32, 31)]
 QUESTIONS = {"modality": "what imaging modality is this ?", "anatomy": "which organ is shown ?",
              "diagnosis": "what is the finding ?", "grading": "what is the lesion size ?",
@@ -667,7 +659,7 @@ STYLES = {  # background, organ and lesion colours, field of view
 
 @dataclass(frozen=True)
 class Case:
-    """What one synthetic image shows; `seed` fixes its texture."""
+    """What a synthetic image shows; `seed` fixes its texture."""
     modality: str
     organ: str
     finding: str
@@ -677,13 +669,13 @@ class Case:
 
 @dataclass(frozen=True)
 class Example:
-    """A multiple-choice question about a toy case or an image file."""
+    """A multiple-choice question on a toy case or an image file."""
     case: Case | None
     qtype: str
     question: str
     options: tuple
     answer: str  # a lower-case letter
-    evidence: str  # "size large": what <think> states and a hint says
+    evidence: str  # "size large": what <think> and a hint state
     modality: str
     image: str = ""  # an image file (JSONL data)
     pixels: torch.Tensor | None = field(default=None, compare=False, repr=False)
@@ -693,7 +685,7 @@ class Example:
         return self.options[ABC.index(self.answer)]
 
 def draw_field(d, style, bg, rng, s=IMAGE_SIZE):
-    """The modality's field of view and texture, under the anatomy."""
+    """The modality's field of view and texture."""
     if style == "circle":
         d.ellipse((2, 2, s - 3, s - 3), fill=(45, 45, 45))
     elif style == "disc":
@@ -752,7 +744,7 @@ def ask(rng, case, qtype, attribute):
                    case.modality)
 
 def any_question(rng, ex):
-    """A fresh question of a type the case can answer, about ex's image."""
+    """A fresh question that ex's case can answer, on ex's image."""
     n = len(ex.case.slots)
     qtype = rng.choice(list(QUESTIONS) if n else ["modality", "anatomy", "diagnosis"])
     attribute = None
@@ -761,7 +753,7 @@ def any_question(rng, ex):
     return replace(ask(rng, ex.case, qtype, attribute), pixels=ex.pixels)
 
 def describe_text(case):
-    """The base student's target: the image in words, not an answer."""
+    """The base student's target: the image in words."""
     words = [f"modality {case.modality}", f"organ {case.organ}", f"finding {case.finding}"]
     if case.slots:
         words += [f"size {case.grade}", f"count {COUNTS[len(case.slots) - 1]}"]
@@ -784,7 +776,7 @@ def make_split(seed, name, modality, n):
     return split
 
 def with_pixels(examples):
-    """The examples with their images drawn: uint8 [3, H, W]."""
+    """The examples with images drawn: uint8 [3, H, W]."""
     def pixels(e):
         raw = torch.frombuffer(bytearray(draw(e.case).tobytes()), dtype=torch.uint8)
         return raw.view(IMAGE_SIZE, IMAGE_SIZE, 3).permute(2, 0, 1)
@@ -792,20 +784,20 @@ def with_pixels(examples):
 
 @dataclass
 class Data:
-    """A run's questions: fixed splits of the toy or of a JSONL file."""
+    """A run's questions: fixed splits of the toy or a JSONL file."""
     modalities: list
     qtypes: list
     train_modality: str
     train: list  # RL prompts
     warm: list  # the warm-up set
     test: list  # held out, every modality
-    curve: list  # the held-out subset of the OOD curve
-    cliff: list  # the train prompts the cliff is measured on
-    pool: list  # the teacher's and base's images, every modality
-    fingerprint: str  # names the data in the stages' records
+    curve: list  # the OOD curve's subset of test
+    cliff: list  # train prompts to measure the cliff on
+    pool: list  # teacher's and base's images, every modality
+    fingerprint: str  # names the data in records
 
 def curve(test, n_test):
-    """The OOD curve's questions: the first CURVE_SHARE of each modality's test set."""
+    """The OOD curve's questions: each modality's first CURVE_SHARE."""
     k = max(1, int(n_test * CURVE_SHARE))
     return [e for m in dict.fromkeys(e.modality for e in test)
             for e in [f for f in test if f.modality == m][:k]]
@@ -825,29 +817,25 @@ def toy_data(a: Args):
                 split("warm", [a.train_modality], a.n_warm), test, curve(test, a.n_test),
                 train[:a.n_cliff], pool, "toy")
 
-
 # ---- Your own data (--data): OmniMedVQA-style JSONL, checked first ----
 HOLDOUT_SHARE = 0.2  # at most this share of a modality is held out
+QUOTE = 200  # characters of a value an error quotes
 FIELDS = {"image": str, "question": str, "options": list, "answer": str, "modality": str,
           "qtype": str}
 
-def quote(value, limit=200):
-    text = repr(value)  # a user's value, cut to fit one line
-    return text if len(text) <= limit else text[:limit] + "..."
-
 def parse_record(line, folder):
-    """One JSONL line -> Example; a ValueError says what is wrong."""
+    """One JSONL line -> Example; a ValueError says what's wrong."""
     rec = json.loads(line)
     if bad := [k for k, t in FIELDS.items() if not (isinstance(rec, dict)
                                                     and isinstance(rec.get(k), t) and rec[k])]:
         raise ValueError(f"missing, empty or mistyped fields {bad}")
     options, answer = rec["options"], rec["answer"].strip().lower()
     if not 2 <= len(options) <= 26 or not all(isinstance(o, str) and o for o in options):
-        raise ValueError(f"options must be 2-26 strings, got {quote(options)}")
+        raise ValueError(f"options must be 2-26 strings, got {repr(options)[:QUOTE]}")
     if len(set(options)) < len(options):
-        raise ValueError(f"options repeat: {quote(options)}")
+        raise ValueError(f"options repeat: {repr(options)[:QUOTE]}")
     if answer not in ABC[:len(options)]:
-        raise ValueError(f"answer {quote(rec['answer'])} is not a letter of the options")
+        raise ValueError(f"answer {repr(rec['answer'])[:QUOTE]} is not a letter of the options")
     return Example(None, rec["qtype"], rec["question"], tuple(options), answer,
                    options[ABC.index(answer)], rec["modality"], f"{folder}/{rec['image']}")
 
@@ -865,8 +853,8 @@ def jsonl_data(a: Args):
         except UnicodeDecodeError:
             raise UserError(f"{a.data}:{number}: not UTF-8") from None
         except (ValueError, OSError) as e:
-            raise UserError(f"{a.data}:{number}: {str(e)[:300]}") from None
-    fingerprint = hashlib.sha1(Path(a.data).read_bytes()).hexdigest()[:12]
+            raise UserError(f"{a.data}:{number}: {str(e)[:QUOTE]}") from None
+    fingerprint = sha(a.data)[:12]
     test, pool = {}, {}
     for m in sorted({e.modality for e in examples}):
         exs = [e for e in examples if e.modality == m]
@@ -874,23 +862,22 @@ def jsonl_data(a: Args):
         n = max(1, min(a.n_test, int(len(exs) * HOLDOUT_SHARE)))
         test[m], pool[m] = exs[:n], exs[n:]
     if len(train := pool.get(a.train_modality, [])) < a.batch_prompts:
-        raise UserError(f"{a.data}: {len(train)} --train-modality {a.train_modality} "
-                        "questions to train on, < --batch-prompts")
+        raise UserError(f"{a.data}: {len(train)} {a.train_modality} questions to train on, "
+                        "< --batch-prompts")
     return Data(list(test), sorted({e.qtype for e in examples}), a.train_modality, train,
                 [], sum(test.values(), []), curve(sum(test.values(), []), a.n_test),
                 train[:a.n_cliff], [], fingerprint)
 
-
 # ---- Files: folders, atomic writes, checkpoints, reruns ----
 def tag(a: Args):
-    """Names a run's folders: the preset, the data file, the student."""
+    """Names a run's folders: preset, data file, student."""
     return "-".join([a.preset] + [Path(x.rstrip("/")).stem for x in (a.data, a.student) if x])
 
 def seed_root(a: Args):
     return Path(a.out, f"{tag(a)}-seed{a.seed}")
 
 def stage_paths(a: Args):
-    """The supervised stages' folders; teacher and base shared by seeds."""
+    """The supervised stages' folders; seeds share teacher and base."""
     return {} if a.student else {"teacher": Path(a.out, f"{tag(a)}-teacher"),
                                  "base": Path(a.out, f"{tag(a)}-base"),
                                  "warm-up": seed_root(a) / "student_init"}
@@ -922,7 +909,7 @@ def checksums(folder, names):
     return {f.relative_to(folder).as_posix(): sha(f) for f in files if f.is_file()}
 
 def verify(folder, record, name):
-    """Every file `record` lists is as it was written, or one line names it."""
+    """Each file `record` lists is as written, or one line names it."""
     for file, digest in record["files"].items():
         if not Path(folder, file).is_file() or sha(Path(folder, file)) != digest:
             raise UserError(f"{folder}/{file} is damaged or missing (not as {name} "
@@ -944,7 +931,7 @@ def write_atomically(path, write):
         tmp.unlink(missing_ok=True)
         full = shutil.disk_usage(path.parent).free < 2**20
         if not (full or isinstance(e, OSError)):
-            raise
+            raise  # a bug
         raise UserError(f"cannot write {path}: " + (
             "the disk is full" if full else str(e).split("\n")[0])) from None
 
@@ -959,40 +946,44 @@ def read_jsonl(path):
     lines = lambda p: [json.loads(x) for x in Path(p).read_text().splitlines()]  # noqa
     return read(path, lines) if Path(path).exists() else []
 
+def loaded(what, load, *args, **kwargs):
+    """load(...), or one line: `what` cannot be loaded, and why."""
+    try:
+        return load(*args, **kwargs)
+    except Exception as e:
+        raise UserError(f"{what} cannot be loaded ({type(e).__name__}: "
+                        f"{str(e)[:QUOTE]})") from e
+
 def load_model(path, device, what, dtype=torch.float32):
     """from_pretrained in `dtype` (fp32 unless asked: in a checkpoint's
     bf16, which transformers 5 keeps, a small lr moves no weight)."""
-    try:
-        return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
-    except Exception as e:
-        raise UserError(f"{what} {path} cannot be loaded ({type(e).__name__}: "
-                        f"{str(e)[:200]}): delete it to rebuild it") from e
+    auto = AutoModelForImageTextToText
+    return loaded(f"{what} {path}", auto.from_pretrained, path, dtype=dtype).to(device)
 
 def load_checkpoint(path):
     return read(path, partial(torch.load, map_location="cpu", weights_only=True))
 
 def run_settings(a: Args, cfg, key):
-    """All that shapes an RL run, the stages' records too: reruns match it."""
+    """All that shapes an RL run, stages included: reruns match it."""
     unused = ("hint_mode",) * (a.method != "kepo") + ("tau",) * (a.method in ("grpo", "opd"))
     skip = unused + ("out", "resume", "compare", "device")
     return as_json({k: v for k, v in asdict(a).items() if k not in skip} | {
         "kepo": {k: v for k, v in asdict(cfg).items() if k not in unused}, "stages": key})
 
 def differences(then, now, at=""):
-    """The leaves where two settings differ, named: "lr 0.1 then, 0.2 now"."""
+    """Where two settings differ, leaf by leaf: "lr 0.1 then, 0.2 now"."""
     if isinstance(then, dict) and isinstance(now, dict):
         return ", ".join(filter(None, (differences(then.get(k), now.get(k), f"{at}{k}.")
                                        for k in sorted(then | now))))
     return f"{at[:-1]} {then!r} then, {now!r} now"[:200] if then != now else ""
 
 def finished_or_resumable(a: Args, folder, settings):
-    """A finished run's results (reused, its files checked), or None to train;
-    refuses to mix settings or to overwrite an unfinished run."""
+    """A finished run's results (reused, files checked), or None to train;
+    refuses to mix settings or overwrite an unfinished run."""
     if (folder / "results.json").exists():
         done = read(folder / "results.json")
         if diff := differences(done["settings"], settings):
-            raise UserError(f"{folder} finished with other settings ({diff}): "
-                            "use another --out")
+            raise UserError(f"{folder} finished with other settings ({diff}): another --out?")
         verify(folder, done, "results.json")
         return done
     if (folder / "ckpt.pt").exists():
@@ -1003,12 +994,11 @@ def finished_or_resumable(a: Args, folder, settings):
         if diff := differences(saved["settings"], settings):
             raise UserError(f"--resume: {folder} was made with other settings ({diff})")
     elif a.resume:
-        print(f"--resume: nothing to resume in {folder}: it starts at step 1")
-
+        print(f"--resume: nothing to resume in {folder}: it starts anew")
 
 # ---- One seed: the stages, then RL and evaluation per method ----
 def main(a: Args):
-    """Stages 1-3 (trained or cached), the premises, then 4-5 per method."""
+    """Stages 1-3, the premises, then 4-5 per method."""
     start = time.time()
     cfg = kepo.KEPOConfig(group_size=a.group_size, tau=a.tau, hint_mode=a.hint_mode,
                           max_new_tokens=a.max_new_tokens, max_hint_tokens=a.max_new_tokens,
@@ -1023,14 +1013,14 @@ def main(a: Args):
     for r in ([replace(a, method=m) for m in METHODS] if a.compare else [a]) * (a.steps > 0):
         rows[run_name(r)] = run_method(r, cfg, s)
     print(f"\ngreedy accuracy on {len(s.data.test)} held-out questions (* in "
-          "distribution; chance from each question's options):")
+          "distribution; chance from the options):")
     cols = s.data.modalities + ["ID", "OOD"] + [f"q/{q}" for q in s.data.qtypes]
     head = [c + "*" if c == a.train_modality else c.removeprefix("q/") for c in cols]
     print("\n".join(md_table([""] + head, [[n] + [r[c] for c in cols] for n, r in rows.items()])))
     print(f"\nresults in {seed_root(a)}/ ({time.time() - start:.0f}s)")
 
 def stages(a: Args, cfg):
-    """Stages 1-3 (trained, cached or checkpoints) and the premises."""
+    """Stages 1-3 (trained, cached or checkpoints), the premises."""
     data = jsonl_data(a) if a.data else toy_data(a)
     seed_root(a).mkdir(parents=True, exist_ok=True)
     if a.student:
@@ -1040,9 +1030,7 @@ def stages(a: Args, cfg):
         teacher, student = supervised_stages(a, proc, data)
     key = built_from(a, data)
     before = before_rl(a, cfg, proc, teacher, student, data, key)
-    print(f"learning cliff before RL ({a.train_modality}, G={a.group_size}, all wrong): "
-          + ", ".join(f"{q} {v:.2f}" for q, v in before["cliff"].items()))
-    small = "; the smoke preset is too small to meet them" * (a.preset == "smoke")
+    small = "; the smoke preset is too small for them" * (a.preset == "smoke")
     print(f"premises (before RL; methods compare where they hold, ✗ where not{small}):")
     print("\n".join(premises_table(before["premises"], a.seed)))
     teacher = teacher.to(DTYPES[a.dtype]).requires_grad_(False)
@@ -1050,8 +1038,8 @@ def stages(a: Args, cfg):
                   before, key)
 
 def built_from(a: Args, data: Data):
-    """What premises and runs are built from: each stage's record (settings
-    and weights), each checkpoint's files, the data."""
+    """What premises and runs are built from: stage records (settings and
+    weights), checkpoint files, the data."""
     return {"stages": {n: read(p / "stage.json") for n, p in stage_paths(a).items()},
             "checkpoints": {p: checksums(p, ["."]) for p in (a.student, a.teacher) if p},
             "data": data.fingerprint, "train_modality": a.train_modality}
@@ -1065,17 +1053,15 @@ def run_method(a: Args, cfg, s: Stages):
     folder.mkdir(exist_ok=True)
     print(f"stage 4: RL ({run_name(a)}) on {len(s.data.train)} {a.train_modality} "
           f"questions, {a.steps} steps x {a.batch_prompts} prompts x G={a.group_size}")
-    start = time.time()
     student = rl(a, cfg, s, folder, settings)
-    res = evaluate(student, s.proc, s.data, cfg, a.device) | {"rl_seconds": time.time() - start}
+    res = evaluate(student, s.proc, s.data, cfg, a.device)
     still, was = cliff_mask(student, s.proc, s.data.cliff, cfg, a.device), s.before["cliff_mask"]
     res["cliff_solved"] = sum(w and not n for w, n in zip(was, still)) / max(sum(was), 1)
-    files = checksums(folder, ["metrics.jsonl", "student"])
+    files = checksums(folder, [*LOGS, "rollouts.html", "student"])
     write_json(folder / "results.json", res | {"run": run_name(a), "settings": settings,
                                                "files": files})
     (folder / "ckpt.pt").unlink(missing_ok=True)  # student/ holds the result
     return res
-
 
 # ---- Command line: one line for a user error (2) or Ctrl-C (130) ----
 def cli(a: Args):
@@ -1095,10 +1081,9 @@ def cli(a: Args):
         print(f"train_small.py: error: {why}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished stages and RL checkpoints are kept under "
-              f"{a.out}/: rerun the command (with --resume for RL)", file=sys.stderr)
+        print(f"\ninterrupted: {a.out}/ keeps finished stages and RL checkpoints: "
+              "rerun (with --resume for RL)", file=sys.stderr)
         sys.exit(130)
-
 
 if __name__ == "__main__":
     cli(ARGS)

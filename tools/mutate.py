@@ -25,10 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 STEP_FUNCTIONS = ["generate_rollouts", "write_hints", "rejection_sample",
                   "knowledge_enhance", "inject", "kepo_backward", "kepo_step",
                   "policy_loss"]
-# kepo.py's own tests, as in .ci/run's floors, one process
-TESTS = ("not (smoke or readme or compare or killed or rebuilt or bad_flags or damaged "
-         "or toy or chance or warm_up or report or jsonl or checkpoint or thinking "
-         "or two_ranks or stage or finished or page)")
+# kepo.py's own tests: .ci/run's floors selection (one process, no train_small.py run)
+TESTS = Path(ROOT, ".ci/run").read_text().split('-k "')[1].split('"')[0].replace("\\\n", "")
 RULES = {  # name: (kepo.py text, the rule broken)
     "gate r > tau": ("return rewards >= tau", "return rewards > tau"),
     "clip: lower side off": ("ratio.clamp(1 - clip_eps, 1 + clip_eps)",
@@ -40,14 +38,18 @@ RULES = {  # name: (kepo.py text, the rule broken)
                                 "torch.randperm(len(group))"),
     "injection: highest reward first": ("torch.argsort(group, stable=True)",
                                         "torch.argsort(group, descending=True)"),
-    "hints: all or nothing": ("if len(accepted[i]) < k:",
-                              "if correct[row // k * k:row // k * k + k].all():"),
+    "hints: all or nothing": ("ok and kept(i) < k)", "ok and kept(i) < k and bool("
+                              "correct[row // k * k:row // k * k + k].all()))"),
     "hints: untagged groups sampled": ("if h is not None}", "}"),
     "opd keeps the reward term": (
         "advantages = torch.zeros_like(advantages)", "pass"),
     "jsd over all rows": ("gate.nonzero().flatten().tolist()",
                           "list(range(len(gate)))"),
     "advantages: no eps": ("(r.std(1, keepdim=True) + ADV_EPS)", "r.std(1, keepdim=True)"),
+    "log-probs of raw logits": ("(logits.float() / temperature)", "logits.float()"),
+    "accuracy: the first <answer>": ("tags[-1]", "tags[0]"),
+    "format: repeated tags pass": ('_FREE = rf"(?:(?!{_TAG}).)*"', '_FREE = ".*?"'),
+    "hint: a cut-off one kept": ('r"<hint>(.*?)</hint>"', 'r"<hint>(.*?)(?:</hint>|$)"'),
 }
 
 
@@ -123,6 +125,7 @@ def run(name, source, timeout):
     with tempfile.TemporaryDirectory() as tmp:
         for file in ("train_small.py", "test_kepo.py"):
             shutil.copy(ROOT / file, tmp)
+        shutil.copytree(ROOT / "tools", Path(tmp, "tools"))  # train_small.py imports one
         Path(tmp, "kepo.py").write_text(source)
         try:
             proc = subprocess.run(
@@ -151,6 +154,8 @@ def main():
             sys.exit(f"mutate.py: error: rule {name!r}: {old!r} is not in kepo.py once")
         mutants[f"rule: {name}"] = source.replace(old, new)
     todo = {n: s for n, s in mutants.items() if args.only in n}
+    if run("none", source, args.timeout)[0]:
+        sys.exit("mutate.py: error: kepo.py's tests fail before any mutation")
     caught = 0
     print("| mutant | caught by |\n|---|---|")
     for name, mutant in todo.items():

@@ -2,20 +2,25 @@
 
     python tools/report.py runs --preset cpu   # runs/cpu-report.md, runs/cpu-curves.png
 
-Per seed: before_rl.json (chance, teacher, the student before RL, the premises) and each
-rl-*/results.json and metrics.jsonl that train_small.py wrote. Over seeds: mean ± sample
-std, and KEPO minus each baseline seed by seed (the same warm student and test questions).
-The figure needs matplotlib (pip install matplotlib); the tables only the standard library.
+Per seed: before_rl.json (chance, teacher, student before RL, premises), each rl-*/ run's
+results.json and metrics.jsonl. Over seeds: mean ± sample std, and KEPO minus each baseline
+seed by seed (one warm student and test set a seed). The figure needs matplotlib.
+
+The verdicts follow the rule fixed in docs/RESULTS.md before the runs: the primary claim is
+OOD accuracy, KEPO against each of GRPO, OPD and KDPO, by an exact paired sign-flip test
+(two-sided, all 2^n sign assignments) with Holm's correction over the three; every other
+comparison is exploratory (p unadjusted). Intervals: 95% t intervals of the mean difference.
 
 The measures of the paper's three claims, fixed before the runs (docs/RESULTS.md):
-- out-of-distribution accuracy: greedy, on 200 test questions per modality (OOD, ID);
-- training stability: the largest drop of a run's OOD curve (max_drop), and the spread
-  (sample std) over seeds of the final OOD accuracy;
+- out-of-distribution accuracy: greedy, 200 test questions a modality (OOD, ID);
+- training stability: a run's largest OOD-curve drop (max_drop), the final OOD's spread;
 - coherent reasoning: the share of greedy completions whose <think> letter is the
-  <answer>'s and whose option is the evidence it states (coherence/OOD, coherence/ID).
+  <answer>'s and whose option is the evidence stated (coherence/OOD, coherence/ID).
 """
 import argparse
+import itertools
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -25,12 +30,19 @@ RUNS = ["rl-grpo", "rl-opd", "rl-kdpo", "rl-kepo", "rl-kepo-tau0", "rl-kepo-tau2
 BASELINES = ["rl-grpo", "rl-opd", "rl-kdpo"]
 PAIRED = {"OOD": "OOD", "ID": "ID", "max_drop": "largest OOD drop",
           "coherence/OOD": "coherence OOD", "coherence/ID": "coherence ID"}
+PRIMARY = "OOD"  # the claim the rule tests, against each of BASELINES
+ALPHA = 0.05  # family-wise level of the primary tests (Holm)
+ABLATIONS = ["rl-kepo-tau0", "rl-kepo-tau2", "rl-kepo-always"]
 PANELS = {"reward": "training reward", "cliff_groups": "groups with every sample wrong",
           "gate_frac": "gate fraction", "distill_loss": "distillation loss",
           "eval/OOD": "OOD accuracy (curve subset)"}
 
 def max_drop(values):
-    """The largest fall of a curve below its best point so far (0 if it never falls)."""
+    """The largest fall of a curve below its best point so far (0 if it never falls).
+
+    >>> round(max_drop([0.4, 0.5, 0.3, 0.45, 0.2, 0.6]), 6), max_drop([0.1, 0.2, 0.3])
+    (0.3, 0.0)
+    """
     best, drop = float("-inf"), 0.0
     for v in values:
         best = max(best, v)
@@ -38,8 +50,7 @@ def max_drop(values):
     return drop
 
 def spread(values):
-    values = list(values)
-    return f"{statistics.stdev(values):.3f}" if len(values) > 1 else ""
+    return f"{statistics.stdev(values):.3f}" if len(values := list(values)) > 1 else ""
 
 def mean_std(values):
     values = list(values)
@@ -86,6 +97,67 @@ def paired(runs, key, other, run="rl-kepo"):
     better = sum(d < 0 if key == "max_drop" else d > 0 for d in diffs)
     return (mean_std(diffs), f"{better}/{len(diffs)}") if diffs else ("", "")
 
+def sign_flip_p(diffs):
+    """Exact two-sided paired sign-flip p: the share of the 2^n sign assignments
+    whose |sum| reaches the observed one.
+
+    >>> sign_flip_p([0.1, 0.2, 0.3, 0.4, 0.5]), sign_flip_p([-2, -1, 1, 2])
+    (0.0625, 1.0)
+    """
+    observed = abs(sum(diffs)) * (1 - 1e-9)  # a tie counts as extreme: floats
+    signs = itertools.product((1, -1), repeat=len(diffs))
+    hits = sum(abs(sum(s * d for s, d in zip(sign, diffs))) >= observed for sign in signs)
+    return hits / 2 ** len(diffs)
+
+def holm(ps):
+    """Holm's step-down adjusted p values, in the order given.
+
+    >>> holm([0.01, 0.04, 0.03])
+    [0.03, 0.06, 0.06]
+    """
+    adjusted, worst = [0.0] * len(ps), 0.0
+    for rank, i in enumerate(sorted(range(len(ps)), key=ps.__getitem__)):
+        worst = max(worst, min(1.0, (len(ps) - rank) * ps[i]))
+        adjusted[i] = worst
+    return adjusted
+
+def t_interval(diffs):
+    """The mean's 95% t interval, t from the normal quantile by its Cornish-Fisher
+    expansion (to 4 decimals from 5 degrees of freedom; t(7) = 2.3646).
+
+    >>> [round(x, 4) for x in t_interval([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])]
+    [1.4522, 5.5478]
+    """
+    n, z = len(diffs), statistics.NormalDist().inv_cdf(0.975)
+    terms = ((z ** 3 + z) / 4, (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96,
+             (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384,
+             (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160)
+    t = z + sum(term / (n - 1) ** k for k, term in enumerate(terms, 1))
+    half = t * statistics.stdev(diffs) / math.sqrt(n)
+    return statistics.mean(diffs) - half, statistics.mean(diffs) + half
+
+def verdict(mean, adjusted_p):
+    """The rule's words for a primary comparison (KEPO minus a baseline).
+
+    >>> verdict(0.03, 0.01), verdict(-0.02, 0.02), verdict(0.03, 0.08)
+    ('holds', 'the reverse holds', 'not shown (p = 0.080)')
+    """
+    if adjusted_p >= ALPHA:
+        return f"not shown (p = {adjusted_p:.3f})"
+    return "holds" if mean > 0 else "the reverse holds"
+
+def tests(runs, key, others, run="rl-kepo"):
+    """Per other run: [other, mean, 95% interval, p] of `run` minus it, by seed."""
+    rows = []
+    for other in others:
+        seeds = sorted(set(runs.get(run, {})) & set(runs.get(other, {})))
+        diffs = [runs[run][s][key] - runs[other][s][key] for s in seeds]
+        if len(diffs) > 1:
+            low, high = t_interval(diffs)
+            rows.append([other, statistics.mean(diffs), f"[{low:+.3f}, {high:+.3f}]",
+                         sign_flip_p(diffs)])
+    return rows
+
 def report(out, preset):
     befores, runs, curves = collect(out, preset)
     if not befores:
@@ -119,6 +191,17 @@ def report(out, preset):
                                     for w in ("mean ± std", "KEPO better"))],
                    [[o, *(v for k in PAIRED for v in paired(runs, k, o))]
                     for o in BASELINES])
+    primary = tests(runs, PRIMARY, BASELINES)
+    adjusted = holm([p for *_, p in primary])
+    lines += table([f"primary, {PRIMARY}: KEPO minus", "mean", "95% t interval",
+                    "sign-flip p", "Holm p", "verdict"],
+                   [[o, f"{m:+.3f}", ci, f"{p:.4f}", f"{q:.4f}", verdict(m, q)]
+                    for (o, m, ci, p), q in zip(primary, adjusted)])
+    lines += table(["exploratory: KEPO minus", "measure", "mean", "95% t interval",
+                    "sign-flip p (unadjusted)"], [
+        [o, name, f"{m:+.3f}", ci, f"{p:.4f}"] for key, name in PAIRED.items()
+        for o, m, ci, p in tests(runs, key, BASELINES + ABLATIONS) if key != PRIMARY
+        or o in ABLATIONS])
     lines += table(["run", "gate fraction", "all-wrong groups / step", "groups hinted / step",
                     "injected / step", "cliff prompts solved"], [
         [n, *(mean_std(x[k] for x in r.values()) for k in (

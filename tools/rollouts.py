@@ -22,6 +22,7 @@ import base64
 import html
 import io
 import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -32,7 +33,7 @@ import kepo  # noqa: E402
 
 LOSS_PARTS = ("loss", "policy_loss", "distill_loss", "kl")
 IMAGE_PIXELS = 144  # the image's side on the page
-JSD_FULL = 1.0  # a token's JSD (nats) shaded fully
+JSD_FULL = math.log(2)  # a token's JSD shaded fully: the JSD's bound (nats)
 STYLE = """
 body { font: 14px/1.4 sans-serif; margin: 1em 2em; color: #222 }
 nav a, nav span { margin-right: .8em }
@@ -101,15 +102,15 @@ def records(step, examples, trace, metrics, tokenizer):
     return out
 
 
-def summary(recs):
+def summary(recs, k):
     """Two console lines about the step's first hinted group, or ''."""
     r = next((r for r in recs if "hint" in r), None)
     if r is None:
         return ""
     kept = sum(h["accepted"] for h in r["hinted"])
     return (f"    hinted: {r['question']} ({', '.join(r['options'])}; answer "
-            f"{r['answer']})\n      hint {r['hint']!r}: {kept} of "
-            f"{len(r['hinted'])} hinted samples kept")
+            f"{r['answer']})\n      hint {r['hint']!r}: {kept} of K = {k} kept "
+            f"({len(r['hinted'])} drawn)")
 
 
 def png(image):
@@ -155,7 +156,7 @@ def rollout_table(rec):
                      f'<div>injected: hinted sample {inj["hinted"]}</div>')
         cells = (i, text, row["tokens"], mark(row["accuracy"]), mark(row["format"]),
                  f'{row["reward"]:g}', f'{row["advantage"]:+.2f}', mark(row["gated"]))
-        lines.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        lines.append('<tr class="rollout">' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return lines + ["</table>"]
 
 
