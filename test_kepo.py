@@ -36,7 +36,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
 ATOL = {"cpu": 1e-5, "cuda": 1e-4}  # cuDNN may pick TF32 for the patch embedding
 
 def make_tokenizer(specials=None, words=WORDS, padding_side="left"):
-    """A word-level tokenizer; specials: {name: token}, image_token among them."""
+    """A word-level tokenizer; specials {name: token} include image_token."""
     specials = specials or {"image_token": "<image>"}
     vocab = dict.fromkeys(["<pad>", "<bos>", "<eos>", "<unk>", *specials.values(), *words])
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
@@ -75,7 +75,7 @@ def on(batch, device):
     return kepo.PromptBatch(batch.input_ids.to(device), batch.attention_mask.to(device), vision)
 
 def rollouts_of(tok, n=8, length=5, seed=0):
-    """n rollouts of random words, of lengths 1..length, prompts cycling over two."""
+    """n rollouts of random words, lengths 1..length, over two prompts in turn."""
     prompts = prompt_batch(tok, ["what finding is shown options a b", "what is shown"])
     gen = torch.Generator().manual_seed(seed)
     ids = torch.tensor(tok.convert_tokens_to_ids(WORDS))[torch.randint(len(WORDS), (n, length),
@@ -88,7 +88,7 @@ def answer(letter):
 
 class ScriptedVLM(torch.nn.Module):
     """A tiny LLaVA whose `generate` writes rule(row, prompt ids), not samples; it records
-    each call's batch size (calls) and settings."""
+    each call's batch size and settings."""
 
     def __init__(self, tok, rule, hidden=32, seed=0, logit_offset=0.0):
         super().__init__()
@@ -111,8 +111,8 @@ class ScriptedVLM(torch.nn.Module):
 
 def scripted_step(tok, answers=("b", "a"), teacher_rule=lambda i, row: "<hint> look </hint>",
                   bare=lambda i: answer("c"), **cfg):
-    """A step's pieces: a student right with a hint (the letter after "answer"), writing
-    bare(row) without, a teacher, prompts, hint prompts, a config."""
+    """A step's pieces: a student right with a hint (the letter after "answer"), else
+    bare(row); a teacher, prompts, hint prompts, a config."""
     hint, word = tok.convert_tokens_to_ids("hint"), tok.convert_tokens_to_ids("answer")
     student = ScriptedVLM(tok, lambda i, row: answer(tok.decode(row[row.index(word) + 1]))
                           if hint in row else bare(i))
@@ -128,7 +128,7 @@ def step(student, tok, prompts, cfg, method="kepo", teacher=None, ref=None, hint
                           list(answers), cfg, method, teacher, ref, hints, trace)
 
 def hand_jsd(s_logits, t_logits, beta, temperature):
-    """Per-token generalized JSD from probabilities, written independently of kepo.py."""
+    """Per-token generalized JSD from probabilities, independently of kepo.py."""
     p_s = torch.softmax(s_logits.double() / temperature, -1)
     p_t = torch.softmax(t_logits.double() / temperature, -1)
     kl = lambda p, q: (p * (p.log() - q.log())).sum(-1)  # noqa: E731
@@ -179,7 +179,7 @@ def test_index_vision_and_sampling_never_emits_a_suppressed_id(tok):
                                kepo.KEPOConfig(), [])
 
 def scoring_matches_generate(model, tok, rows, device="cpu"):
-    """Does one scoring forward reproduce `generate`'s own logits (with left padding)?"""
+    """Does one scoring forward reproduce `generate`'s logits (left padding too)?"""
     suppress = kepo.suppressed_ids(tok, model)
     torch.manual_seed(0)
     out = model.generate(input_ids=rows.input_ids, attention_mask=rows.attention_mask,
@@ -198,7 +198,7 @@ def test_scoring_reproduces_generate_logits(tok, device):
     assert scoring_matches_generate(tiny_vlm(tok).to(device), tok, prompts.select([0, 0, 1, 1]),
                                     device)
 
-# the other families' tiny text and vision towers
+# other families' tiny towers
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
             num_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -246,7 +246,7 @@ def test_qwen2_vl_flattened_patches_score_and_train(device):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 def gemma3_and_processor(seed=0, words=WORDS, template=None):
-    """A tiny Gemma 3: token_type_ids mark image tokens; a turn ends at <end_of_turn>."""
+    """A tiny Gemma 3: token_type_ids mark image tokens; turns end at <end_of_turn>."""
     specials = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
                 "eoi_token": "<end_of_image>", "eot_token": "<end_of_turn>"}
     tok = make_tokenizer(specials, words)
@@ -265,7 +265,7 @@ def gemma3_and_processor(seed=0, words=WORDS, template=None):
 
 def paligemma_and_processor():
     """A tiny PaliGemma: token_type_ids 0 for the prefix, 1 for the suffix; its processor
-    returns labels too."""
+    returns labels."""
     tok, images = make_tokenizer(), tr.SiglipImageProcessor(size={"height": 56, "width": 56})
     images.image_seq_length = 16
     torch.manual_seed(0)
@@ -417,15 +417,18 @@ def test_the_step_loss_and_gradient_equal_eq7_by_hand(tok, method):
     assert torch.allclose(grads(student), grads(twin), atol=2e-6) and grads(twin).abs().max() > 1e-3
 
 def test_micro_batches_give_one_pass_and_bf16_models_keep_fp32_maths(tok):
-    """Chunks of 1, 3 and N rows (one gating nothing) give one pass's loss and gradient; bf16
+    """Forwards of 1, 3 and N rows (one gating nothing) give one pass's loss and gradient; bf16
     models a distillation term within 1% of fp32 (the maths is fp32)."""
     r, rewards, teacher = rollouts_of(tok), torch.tensor([2.0, 0, 1, 0, 0, 0, 2, 1]), tiny_vlm(tok, 48, 1)
-    results = []
+    results, rows = [], []
     for size in (None, 1, 3, 8):
         student = tiny_vlm(tok)
+        student.register_forward_pre_hook(lambda m, a, k: rows.append(len(k["input_ids"])),
+                                          with_kwargs=True)
         cfg = kepo.KEPOConfig(group_size=2, micro_batch_size=size)
         results.append((kepo.kepo_backward(student, teacher, r, rewards, "kdpo", cfg, None, []),
                         grads(student)))
+    assert rows == [8] + [1] * 8 + [3, 3, 2, 8]
     for parts, grad in results[1:]:
         assert parts["loss"] == pytest.approx(results[0][0]["loss"], abs=1e-6)
         assert (grad - results[0][1]).abs().max() < 1e-6
@@ -436,7 +439,7 @@ def test_micro_batches_give_one_pass_and_bf16_models_keep_fp32_maths(tok):
     assert bf16["distill_loss"] == pytest.approx(results[0][0]["distill_loss"], rel=0.01)
 
 def test_config_and_step_refuse_what_would_mean_something_else(tok):
-    """Each field's rule refuses a finite bad value (every field has one here); NaN and inf too."""
+    """Each field's rule refuses a finite bad value (each field has one); NaN, inf too."""
     bad = [("group_size", 1), ("temperature", 0.0), ("top_p", 0.0), ("top_p", 1.5),
            ("max_new_tokens", 0), ("max_hint_tokens", 0), ("clip_eps", -0.2), ("beta_rl", -0.1),
            ("tau", 3.0), ("tau", -1.0), ("beta_jsd", 1.5), ("jsd_temperature", 0.0),
@@ -468,8 +471,8 @@ def test_the_kl_to_a_reference_is_finite_after_early_eos(tok):
         assert math.isfinite(m["loss"])
 
 def test_the_step_samples_with_the_configs_settings(tok):
-    """Rollouts, hints and hinted samples use the config's temperature, top_p (top_k off),
-    token caps, stop and suppressed ids; greedy is greedy."""
+    """Rollouts, hints, hinted samples: the config's temperature, top_p (top_k off), token
+    caps, stop and suppressed ids; greedy is greedy."""
     student, teacher, prompts, hints, cfg = scripted_step(
         tok, temperature=0.7, top_p=0.8, max_new_tokens=9, max_hint_tokens=3)
     step(student, tok, prompts, cfg, "kepo", teacher, None, hints)
@@ -518,7 +521,7 @@ def test_rule_hints_trigger_per_group_on_the_cliff(tok, trigger):
     assert kepo.cliff_groups(acc, acc + fmt, 2, trigger) == ([0, 2] if trigger == "accuracy" else [2])
 
 def test_hinted_samples_of_different_lengths_keep_their_own_tokens(tok):
-    """Padded to one length in their call, each keeps its tokens and stop id, no pad."""
+    """Padded to one length in their call, each keeps its tokens and stop id only."""
     student = ScriptedVLM(tok, lambda i, row: answer("b") + " look" * (2 * i))
     cfg = kepo.KEPOConfig(group_size=4, num_hinted=3, max_attempts=1)
     drawn = kepo.rejection_sample(student, tok, prompt_batch(tok, ["hint"]), ["B"], cfg, [])[0]
@@ -528,7 +531,7 @@ def test_hinted_samples_of_different_lengths_keep_their_own_tokens(tok):
 def test_rule_injection_keeps_the_hint_free_prompt_and_the_trace_is_the_steps(tok):
     """Correct hinted samples replace a group's lowest-reward rows, hint-free prompt kept,
     rescored (r = 2, A > 0). The trace is the step's: advantages from its rewards, gated
-    r >= tau (opd: all, grpo: none), per-token JSDs summing to the distillation sum."""
+    r >= tau (opd: all, grpo: none), per-token JSDs summing to the JSD sum."""
     for method in kepo.METHODS:  # rows 0 and 4 unformatted (r = 0), the rest r = 1
         student, teacher, prompts, hints, cfg = scripted_step(
             tok, bare=lambda i: "c" if i % 4 == 0 else answer("c"), tau=2.0)
@@ -555,7 +558,7 @@ def test_rule_injection_keeps_the_hint_free_prompt_and_the_trace_is_the_steps(to
 
 # ---- KEPO's rules, on a scripted policy (each broken in a copy fails its test) ----
 def test_rule_each_correct_hinted_sample_is_accepted_on_its_own(tok):
-    """K = 2 and one correct sample in each try of two: each is kept (all-or-nothing: none)."""
+    """One correct sample a try of two: each is kept (all-or-nothing: none)."""
     student = ScriptedVLM(tok, lambda i, row: answer("b" if i % 2 == 0 else "c"))
     for k, attempts, kept in ((2, 1, 1), (2, 2, 2), (3, 1, 2), (3, 2, 3)):
         cfg = kepo.KEPOConfig(group_size=4, num_hinted=k, max_attempts=attempts)
@@ -567,7 +570,7 @@ def test_rule_each_correct_hinted_sample_is_accepted_on_its_own(tok):
     assert right.calls == [("generate", 3)]
 
 def test_rule_injection_replaces_distinct_failed_slots_first(tok):
-    """A group's K slots are distinct rows, lowest reward first; other rows are untouched."""
+    """A group's K slots are distinct rows, lowest reward first; other rows untouched."""
     seqs = [torch.full((1 + i % 3,), i + 10) for i in range(12)]
     r = kepo.Rollouts(prompt_batch(tok, [f"p{i}" for i in range(12)]), pad_sequence(seqs, True),
                       pad_sequence([torch.ones_like(s, dtype=torch.int) for s in seqs], True),
@@ -584,7 +587,7 @@ def test_rule_injection_replaces_distinct_failed_slots_first(tok):
     assert torch.equal(out.prompts.input_ids, r.prompts.input_ids)
 
 def test_rule_the_gate_admits_r_at_least_tau_and_the_teacher_sees_only_those_rows(tok):
-    """The teacher's forward covers the gated rows only; an empty gate calls no teacher, gives 0."""
+    """The teacher's forward covers gated rows only; an empty gate calls none, gives 0."""
     r, teacher = rollouts_of(tok), ScriptedVLM(tok, None, 48, 1)
     rewards = torch.tensor([2.0, 0, 1, 0, 0, 0, 0, 1])
     for tau, rows in ((1.0, 3), (2.0, 1), (0.0, 8)):
@@ -604,7 +607,7 @@ def test_rule_a_group_without_a_hint_tag_is_not_sampled(tok):
     out, stats = kepo.knowledge_enhance(student, teacher, tok, r, torch.ones(8), ["B", "A"],
                                         [0, 1], hints, cfg, [])
     assert stats == {"hint_groups": 2, "hint_written": 1, "hint_accept_rate": 0.5, "hint_injected": 2}
-    assert student.calls[-1] == ("generate", 2)  # K = 2 samples of group 0 only
+    assert student.calls[-1] == ("generate", 2)  # K = 2, group 0 only
     assert out.texts == [answer("b")] * 2 + [answer("c")] * 6
     assert [kepo.extract_hint(t) for t in ("x <hint> a b </hint> y", "<hint> </hint>", "<hint>a")] \
         == ["a b", None, None]
@@ -692,7 +695,7 @@ def run_script(*args, **kwargs):
                           capture_output=True, text=True, timeout=300, **kwargs)
 
 def refused(proc, message):
-    """The CLI stopped with one line naming the problem, no traceback (exit 2)."""
+    """The CLI stopped with one line naming the problem (exit 2, no traceback)."""
     last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
     return proc.returncode == 2 and "Traceback" not in proc.stderr and re.search(message, last)
 
@@ -865,16 +868,16 @@ def test_bad_flags_are_refused_in_one_line_before_any_work(tmp_path, flags, mess
     proc = run_script("--preset", "smoke", *out, *flags, cwd=tmp_path)
     assert refused(proc, "^train_small.py: error: " + message), proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1  # no usage block
-    assert not list((tmp_path / "runs").glob("*"))  # nothing written
+    assert not list((tmp_path / "runs").glob("*"))
 
 def test_help_shows_every_default():
     shown = " ".join(run_script("--help").stdout.split())
     assert all(f"(default: {f.default})" in shown for f in fields(ts.Args))
 
-def full_disk(path):
-    with open(path, "w") as f:  # torch.save writes until the disk is full
-        f.write("the first bytes")
-    raise RuntimeError("unexpected pos 210688 vs 210576")  # and says so in these words
+def full_disk(path):  # torch.save writes until the disk is full, then says so thus
+    with open(path, "w") as f:
+        f.write("the first")
+    raise RuntimeError("unexpected pos 210688 vs 210576")
 
 def test_damaged_files_are_named_and_never_trusted_and_a_full_disk_says_so(smoke, tmp_path,
                                                                            monkeypatch):
@@ -947,7 +950,7 @@ def test_chance_the_premises_and_coherence_by_hand():
     assert ts.coherent([e] * 5, texts).tolist() == [1, 0, 1, 0, 0]
 
 def test_the_warm_up_lists_biased_answers_first_unless_hinted():
-    """The learning cliff's cause: the BIASED types' answer is always option a in the warm-up."""
+    """The cliff's cause: the BIASED types' answer is always option a in the warm-up."""
     import random
     warm, pool = ts.make_split(0, "warm", "mri", 50), ts.make_split(0, "pool", "ct", 20)
     exs, prompts, targets = ts.warmup_batch(random.Random(0), 400, warm, pool)
@@ -959,7 +962,7 @@ def test_the_warm_up_lists_biased_answers_first_unless_hinted():
     assert all(e.options[ts.LETTERS.index(e.answer)] == e.evidence.split()[-1] for e, _ in asked)
 
 def test_report_by_hand(tmp_path):
-    """tools/report.py on two made-up seeds: largest OOD drop, mean ± std, KEPO minus GRPO."""
+    """tools/report.py on two made-up seeds: mean ± std, KEPO minus GRPO; doctests."""
     import report  # tools/ is on sys.path: train_small.py puts it there
     assert (result := doctest.testmod(report)).attempted and not result.failed
     row = {"mri": 0.5, "q/anatomy": 0.5, "ID": 0.5, "OOD": 0.3}
@@ -989,7 +992,7 @@ def test_report_by_hand(tmp_path):
 
 # ---- Your own data and checkpoints (--data, --student, --teacher) ----
 def write_jsonl(folder, per_modality=12):
-    """Toy questions as image files and OmniMedVQA records (upper-case letters)."""
+    """Toy questions as image files and OmniMedVQA records (letters upper case)."""
     lines = []
     for m in ("mri", "ct", "xray"):
         for i, e in enumerate(ts.make_split(5, "jsonl", m, per_modality)):
@@ -1047,7 +1050,7 @@ def test_a_jsonl_test_question_is_never_trained_on_whatever_the_seed(tmp_path):
     assert len(splits[0].test) == 3 * 2  # 20% of 12, per modality
 
 def chat_words():
-    """The words a chat checkpoint is asked in (instructions, questions, options)."""
+    """The words a chat checkpoint is asked in."""
     e = ts.make_split(0, "words", "mri", 1)[0]
     texts = [ts.prompt_text(e, True), ts.hint_request_text(e, True), ts.hinted_text(e, "x", True)]
     vocab = ts.build_processor().tokenizer.get_vocab()

@@ -172,7 +172,7 @@ class UserError(ValueError):
 PROGRESS_SECONDS = 10  # a progress line at least this often
 LOGS = ("metrics.jsonl", "rollouts.jsonl")  # RL's logs, a line a step or group
 
-# What stages 1-3 leave RL; warm: the warm student's folder; key: built_from
+# Stages 1-3 for RL; warm: the warm student's folder
 Stages = namedtuple("Stages", "proc teacher warm data before key")
 
 def rl(a: Args, cfg, s: Stages, folder: Path, settings: dict):
@@ -214,7 +214,7 @@ def rl(a: Args, cfg, s: Stages, folder: Path, settings: dict):
             write_atomically(ckpt, partial(torch.save, state))
     write_atomically(folder / "student", lambda d: (student.save_pretrained(d),
                                                      s.proc.save_pretrained(d)))
-    print(f"  rollouts: {rollouts.write_page(folder)} (.jsonl: the log)")
+    print(f"  rollouts: {rollouts.write_page(folder)} (and .jsonl)")
     return student
 
 
@@ -391,7 +391,7 @@ def supervised_stages(a: Args, proc, data: Data):
               "stage 2: base student, describing every modality")
     base = read(paths["base"] / "stage.json")  # the warm-up's parent
 
-    def init():  # the base, vision frozen (LLaVA's instruction tuning)
+    def init():  # the base, vision frozen (as LLaVA's tuning)
         model = load_model(paths["base"], "cpu", "the base stage")
         model.model.vision_tower.requires_grad_(False)
         return model
@@ -849,7 +849,7 @@ def jsonl_data(a: Args):
             if raw.decode("utf-8").strip():
                 examples.append(parse_record(raw.decode("utf-8"), folder))
                 with Image.open(examples[-1].image) as im:
-                    im.load()  # a truncated image fails here, not in training
+                    im.load()  # a cut image fails here, not in training
         except UnicodeDecodeError:
             raise UserError(f"{a.data}:{number}: not UTF-8") from None
         except (ValueError, OSError) as e:
@@ -910,7 +910,7 @@ def checksums(folder, names):
 
 def verify(folder, record, name):
     """Each file `record` lists is as written, or one line names it."""
-    for file, digest in record["files"].items():
+    for file, digest in record.get("files", {name: None}).items():  # None: old
         if not Path(folder, file).is_file() or sha(Path(folder, file)) != digest:
             raise UserError(f"{folder}/{file} is damaged or missing (not as {name} "
                             f"recorded): delete {folder} to rebuild it")
