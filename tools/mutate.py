@@ -161,7 +161,7 @@ def main():
     for name, mutant in todo.items():
         hit, by = run(name, mutant, args.timeout)
         caught += hit
-        print(f"| {name} | {by or '**survives**'} |", flush=True)
+        print(f"| {name.replace('|', '&#124;')} | {by or '**survives**'} |", flush=True)
     print(f"\n{caught} of {len(todo)} mutants caught")
 
 
