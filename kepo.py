@@ -395,9 +395,8 @@ def reference_logps(ref_model, rollouts, logps, cfg, suppress):
 
 def kepo_backward(student, teacher, rollouts, rewards, method, cfg, ref_model,
                   suppress, trace=None):
-    """Accumulate eq. 7's gradient on N scored rollouts (rewards [N]),
-    micro_batch_size rows at a time, weighted by their share; `trace` gets
-    them, advantages, gate [N], jsd (gated_jsd_sum's terms)."""
+    """Accumulate eq. 7's gradient on N rollouts, rewards [N], micro_batch_size
+    rows at a time; `trace` gets them, advantages, gate [N], jsd's terms."""
     n = len(rewards)
     advantages = group_advantages(rewards, cfg.group_size)  # whole groups
     if method == "grpo":

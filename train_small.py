@@ -176,9 +176,8 @@ LOGS = ("metrics.jsonl", "rollouts.jsonl")  # RL's logs, a line a step or group
 Stages = namedtuple("Stages", "proc teacher warm data before key")
 
 def rl(a: Args, cfg, s: Stages, folder: Path, settings: dict):
-    """RL from the warm student; metrics.jsonl; returns it."""
-    ref = load_model(s.warm, a.device, "the warm student", DTYPES[a.dtype])
-    ref.requires_grad_(False)  # the `kl` metric's reference
+    """RL from the warm student, also the `kl` metric's reference; returns it."""
+    ref = load_model(s.warm, a.device, "the warm student", DTYPES[a.dtype]).requires_grad_(False)
     student = load_model(s.warm, a.device, "the warm student")
     opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.0)
     start, ckpt = resume(a, folder / "ckpt.pt", student, opt), folder / "ckpt.pt"
