@@ -98,8 +98,9 @@ def parse_args(argv=None):
             type=type(f.default), choices=CHOICES.get(f.name))
         parser.add_argument("--" + f.name.replace("_", "-"), **kind, default=argparse.SUPPRESS,
                             help=f"{f.metadata['help']} (default: {f.default})")
-    flags = [x.split("=")[0] for x in sys.argv[1:] if x[:2] == "--"] if argv is None else argv
-    if twice := [x for x in flags if x[:2] == "--" and flags.count(x) > 1]:
+    raw = sys.argv[1:] if argv is None else argv
+    flags = [x.split("=")[0] for x in raw if x.startswith("--")]
+    if twice := [x for x in flags if flags.count(x) > 1]:
         parser.error(f"{twice[0]} given twice")
     given = vars(parser.parse_args(argv))
     a = Args(**PRESETS[given.get("preset", "default")] | given)
