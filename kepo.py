@@ -307,13 +307,13 @@ def rejection_sample(student, tokenizer, hinted, answers, cfg, suppress):
     k, drawn = cfg.num_hinted, [[] for _ in answers]
     kept = lambda i: sum(s.kept for s in drawn[i])  # noqa: E731
     for _ in range(cfg.max_attempts):
-        # FSDP2: the same calls on every rank
-        todo = lockstep([i for i in range(len(drawn)) if kept(i) < k], student)
+        need = [i for i in range(len(drawn)) if kept(i) < k]
+        todo = lockstep(need, student)  # FSDP2: the same calls on every rank
         if not todo:
             break
         out = generate_rollouts(student, tokenizer, hinted.select(todo), k, cfg, suppress)
         correct = accuracy_reward(out.texts, [answers[i] for i in todo for _ in range(k)])
-        for row, ok in enumerate(correct.bool().tolist()):
+        for row, ok in enumerate(correct.bool().tolist() if need else []):  # no stand-in
             i = todo[row // k]
             ids = out.completion_ids[row][out.completion_mask[row].bool()]
             drawn[i].append(Hinted(ids, out.texts[row], ok, ok and kept(i) < k))

@@ -658,7 +658,7 @@ def distributed_worker(mode):
 
 def sharded_work_differs_by_rank(tok, student, teacher, rank):
     """Rank 1 stops sampling first, only rank 0 has a cliff group, rank 1 is done rejection
-    sampling at once: each sharded forward still runs on both ranks."""
+    sampling at once: each sharded forward runs on both ranks."""
     prompts = prompt_batch(tok, ["what is shown", "look at lesion"])
     cfg = kepo.KEPOConfig(group_size=2, max_new_tokens=4, max_hint_tokens=4, max_attempts=3)
     others = [i for i in range(len(tok)) if i != tok.eos_token_id] if rank == 1 else []
@@ -671,8 +671,9 @@ def sharded_work_differs_by_rank(tok, student, teacher, rank):
     assert m.get("hint_groups", 0) == (1 if rank == 0 else 0), m
     kepo.accuracy_reward = lambda texts, answers: torch.full((len(texts),), float(rank == 1))
     accepted = kepo.rejection_sample(student, tok, prompts, ["a", "b"], cfg, [])
-    assert [sum(s.kept for s in a) for a in accepted] == ([0, 0] if rank == 0 else [2, 2])
-    print(f"rank {rank}: sharded work in lockstep")
+    assert [(sum(s.kept for s in a), len(a)) for a in accepted] == (
+        [(0, 6), (0, 6)] if rank == 0 else [(2, 2), (2, 2)])  # no stand-in
+    print(f"rank {rank}: sharded, in lockstep")
 
 @pytest.mark.parametrize("mode", ["ddp", "shard"])
 def test_two_ranks_step_as_one_process_on_the_global_batch(mode):
@@ -992,7 +993,7 @@ def test_report_by_hand(tmp_path):
 
 # ---- Your own data and checkpoints (--data, --student, --teacher) ----
 def write_jsonl(folder, per_modality=12):
-    """Toy questions as image files and OmniMedVQA records (letters upper case)."""
+    """Toy questions as image files and OmniMedVQA records."""
     lines = []
     for m in ("mri", "ct", "xray"):
         for i, e in enumerate(ts.make_split(5, "jsonl", m, per_modality)):
@@ -1050,7 +1051,7 @@ def test_a_jsonl_test_question_is_never_trained_on_whatever_the_seed(tmp_path):
     assert len(splits[0].test) == 3 * 2  # 20% of 12, per modality
 
 def chat_words():
-    """The words a chat checkpoint is asked in."""
+    """Words a chat model is asked in."""
     e = ts.make_split(0, "words", "mri", 1)[0]
     texts = [ts.prompt_text(e, True), ts.hint_request_text(e, True), ts.hinted_text(e, "x", True)]
     vocab = ts.build_processor().tokenizer.get_vocab()
