@@ -41,8 +41,8 @@ def make_tokenizer(specials=None, words=WORDS, padding_side="left"):
     vocab = dict.fromkeys(["<pad>", "<bos>", "<eos>", "<unk>", *specials.values(), *words])
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                pre_tokenizers.Punctuation()])
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok = tr.PreTrainedTokenizerFast(
         tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
         unk_token="<unk>", padding_side=padding_side, extra_special_tokens=specials)
@@ -55,11 +55,13 @@ def tok():
 
 def tiny_vlm(tok, hidden=32, seed=0):
     torch.manual_seed(seed)
-    vision = tr.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, image_size=16, patch_size=8)
-    text = tr.Qwen2Config(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=1,
-                          intermediate_size=2 * hidden, num_attention_heads=2, num_key_value_heads=1,
-                          max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    vision = tr.SiglipVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        image_size=16, patch_size=8)
+    text = tr.Qwen2Config(
+        vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=1, intermediate_size=2 * hidden,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)
     return tr.LlavaForConditionalGeneration(tr.LlavaConfig(
         vision_config=vision, text_config=text, image_seq_length=N_IMG,
         image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
@@ -78,8 +80,8 @@ def rollouts_of(tok, n=8, length=5, seed=0):
     """n rollouts of random words, lengths 1..length, over two prompts in turn."""
     prompts = prompt_batch(tok, ["what finding is shown options a b", "what is shown"])
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.tensor(tok.convert_tokens_to_ids(WORDS))[torch.randint(len(WORDS), (n, length),
-                                                                       generator=gen)]
+    pick = torch.randint(len(WORDS), (n, length), generator=gen)
+    ids = torch.tensor(tok.convert_tokens_to_ids(WORDS))[pick]
     mask = (torch.arange(length) < torch.randint(1, length + 1, (n, 1), generator=gen)).int()
     return kepo.Rollouts(prompts.select([i % 2 for i in range(n)]), ids, mask, [""] * n)
 
@@ -124,14 +126,15 @@ def scripted_step(tok, answers=("b", "a"), teacher_rule=lambda i, row: "<hint> l
 
 def step(student, tok, prompts, cfg, method="kepo", teacher=None, ref=None, hints=None,
          trace=None, answers=("B", "A"), lr=0.0):
-    return kepo.kepo_step(student, torch.optim.SGD(student.parameters(), lr=lr), tok, prompts,
-                          list(answers), cfg, method, teacher, ref, hints, trace)
+    opt = torch.optim.SGD(student.parameters(), lr=lr)
+    return kepo.kepo_step(student, opt, tok, prompts, list(answers), cfg, method, teacher, ref,
+                          hints, trace)
 
 def hand_jsd(s_logits, t_logits, beta, temperature):
     """Per-token generalized JSD from probabilities, independently of kepo.py."""
     p_s = torch.softmax(s_logits.double() / temperature, -1)
     p_t = torch.softmax(t_logits.double() / temperature, -1)
-    kl = lambda p, q: (p * (p.log() - q.log())).sum(-1)  # noqa: E731
+    kl = lambda p, q: (p * (p.log() - q.log())).sum(-1)  # noqa
     if beta in (0, 1):
         return kl(p_t, p_s) if beta == 0 else kl(p_s, p_t)
     m = beta * p_t + (1 - beta) * p_s
@@ -140,14 +143,13 @@ def hand_jsd(s_logits, t_logits, beta, temperature):
 def grads(model):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
-
 # ---- 1. Generation ----
 def test_completion_mask_and_a_turns_end_ids():
     """The mask ends at the first stop id; a chat turn ends at generation_config's ids too
     (Gemma's <end_of_turn>), never suppressed."""
     ids = torch.tensor([[5, 6, 2, 0, 0], [5, 2, 2, 2, 2], [5, 6, 7, 8, 9], [9, 7, 6, 2, 2]])
-    assert kepo.completion_mask(ids, [2]).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0],
-                                                       [1] * 5, [1] * 4 + [0]]
+    assert kepo.completion_mask(ids, [2]).tolist() == [
+        [1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1] * 5, [1] * 4 + [0]]
     assert kepo.completion_mask(ids, [2, 7]).tolist()[2:] == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]
     tok = make_tokenizer({"image_token": "<image>", "eot_token": "<end_of_turn>"})
     eot = tok.convert_tokens_to_ids("<end_of_turn>")
@@ -174,18 +176,17 @@ def test_index_vision_and_sampling_never_emits_a_suppressed_id(tok):
     assert torch.equal(r.prompts.input_ids[3], prompts.input_ids[1])  # prompts repeated in place
     assert not torch.isin(r.completion_ids[r.completion_mask.bool()], torch.tensor(suppress)).any()
     with pytest.raises(ValueError, match="left-padded"):
-        kepo.generate_rollouts(model, tok, prompt_batch(make_tokenizer(padding_side="right"),
-                                                        ["what", "what is shown"]), 2,
-                               kepo.KEPOConfig(), [])
+        right = prompt_batch(make_tokenizer(padding_side="right"), ["what", "what is shown"])
+        kepo.generate_rollouts(model, tok, right, 2, kepo.KEPOConfig(), [])
 
 def scoring_matches_generate(model, tok, rows, device="cpu"):
     """Does one scoring forward reproduce `generate`'s logits (left padding too)?"""
     suppress = kepo.suppressed_ids(tok, model)
     torch.manual_seed(0)
-    out = model.generate(input_ids=rows.input_ids, attention_mask=rows.attention_mask,
-                         **rows.vision, do_sample=True, top_k=0, max_new_tokens=5, min_new_tokens=5,
-                         pad_token_id=0, eos_token_id=2, suppress_tokens=suppress,
-                         output_logits=True, return_dict_in_generate=True)
+    out = model.generate(
+        input_ids=rows.input_ids, attention_mask=rows.attention_mask, **rows.vision,
+        do_sample=True, top_k=0, max_new_tokens=5, min_new_tokens=5, pad_token_id=0,
+        eos_token_id=2, suppress_tokens=suppress, output_logits=True, return_dict_in_generate=True)
     ids = out.sequences[:, rows.input_ids.shape[1]:]
     r = kepo.Rollouts(rows, ids, torch.ones_like(ids, dtype=torch.int), [""] * len(ids))
     expected = torch.stack(out.logits, 1).index_fill(-1, torch.tensor(suppress, device=device), -1e9)
@@ -195,8 +196,8 @@ def scoring_matches_generate(model, tok, rows, device="cpu"):
 def test_scoring_reproduces_generate_logits(tok, device):
     prompts = prompt_batch(tok, ["what finding is shown options a b c d look", "what"], device)
     assert (prompts.attention_mask == 0).any()  # one prompt is left-padded
-    assert scoring_matches_generate(tiny_vlm(tok).to(device), tok, prompts.select([0, 0, 1, 1]),
-                                    device)
+    model = tiny_vlm(tok).to(device)
+    assert scoring_matches_generate(model, tok, prompts.select([0, 0, 1, 1]), device)
 
 # other families' tiny towers
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -206,8 +207,8 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_att
 
 def tiny_qwen2_vl(seed=0, device="cpu"):
     """A Qwen2-VL (flattened patches, image_grid_thw, mm_token_type_ids), inputs by hand."""
-    tok = make_tokenizer({"image_token": "<|image_pad|>", "start": "<|vision_start|>",
-                          "end": "<|vision_end|>"})
+    tok = make_tokenizer(
+        {"image_token": "<|image_pad|>", "start": "<|vision_start|>", "end": "<|vision_end|>"})
     ids = tok.convert_tokens_to_ids(["<|image_pad|>", "<|vision_start|>", "<|vision_end|>"])
     torch.manual_seed(seed)
     model = tr.Qwen2VLForConditionalGeneration(tr.Qwen2VLConfig(
@@ -229,8 +230,8 @@ def tiny_qwen2_vl(seed=0, device="cpu"):
               return_tensors="pt", padding=True)
     vision = {"pixel_values": images["pixel_values"], "image_grid_thw": images["image_grid_thw"],
               "mm_token_type_ids": (enc.input_ids == ids[0]).long()}
-    return model.to(device), tok, on(kepo.PromptBatch(enc.input_ids, enc.attention_mask, vision),
-                                     device)
+    prompts = kepo.PromptBatch(enc.input_ids, enc.attention_mask, vision)
+    return model.to(device), tok, on(prompts, device)
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_qwen2_vl_flattened_patches_score_and_train(device):
@@ -251,8 +252,8 @@ def gemma3_and_processor(seed=0, words=WORDS, template=None):
                 "eoi_token": "<end_of_image>", "eot_token": "<end_of_turn>"}
     tok = make_tokenizer(specials, words)
     images = getattr(tr, "Gemma3ImageProcessorPil", None) or tr.Gemma3ImageProcessor
-    proc = tr.Gemma3Processor(images(size={"height": 56, "width": 56}), tok, chat_template=template,
-                              image_seq_length=4)
+    proc = tr.Gemma3Processor(images(size={"height": 56, "width": 56}), tok,
+                              chat_template=template, image_seq_length=4)
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in specials.items()}
     torch.manual_seed(seed)
     model = tr.Gemma3ForConditionalGeneration(tr.Gemma3Config(
@@ -289,7 +290,6 @@ def test_token_type_ids_are_extended_as_generate_extends_them(family):
     vision = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "labels")}
     rows = kepo.PromptBatch(enc["input_ids"], enc["attention_mask"], vision).select([0, 0, 1, 1])
     assert "token_type_ids" in vision and scoring_matches_generate(model, proc.tokenizer, rows)
-
 
 # ---- 2-4. Reward, advantages, gate, teacher divergence ----
 REWARD_TABLE = [  # text, answer, format, accuracy
@@ -342,8 +342,8 @@ def test_generalized_jsd_matches_hand_computation(beta, temperature):
     s, t = torch.randn(3, 5, 11, generator=g) * 3, torch.randn(3, 5, 11, generator=g) * 3
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
     expected = (hand_jsd(s, t, beta, temperature) * mask).sum() / mask.sum()
-    assert torch.allclose(kepo.generalized_jsd(s, t, mask, beta, temperature).double(), expected,
-                          atol=1e-5)
+    got = kepo.generalized_jsd(s, t, mask, beta, temperature).double()
+    assert torch.allclose(got, expected, atol=1e-5)
 
 def test_generalized_jsd_chunks_endpoints_bounds_and_edge_cases(monkeypatch):
     t, mask, results = torch.randn(3, 5, 11), (torch.rand(3, 5) < 0.7).float(), []
@@ -368,11 +368,10 @@ def test_generalized_jsd_chunks_endpoints_bounds_and_edge_cases(monkeypatch):
     s2[..., 0] = t2[..., 0] = -1e9  # a suppressed id, masked as completion_logits masks it
     assert torch.isfinite(kepo.generalized_jsd(s2, t2, torch.ones(1, 2), 0.5, 1.0))
 
-
 # ---- 7. Loss and step: eq. 7 against a hand computation ----
 def hand_loss(student, teacher, ref, r, rewards, method, cfg, suppress):
-    """Eq. 7 (negated) written out: a plain forward, suppressed ids dropped from the vocabulary
-    (probability 0), sums over rows and tokens by hand."""
+    """Eq. 7 (negated) written out: a plain forward, suppressed ids dropped (probability 0),
+    sums over rows and tokens by hand."""
     allowed = torch.tensor([i for i in range(student.config.text_config.vocab_size)
                             if i not in suppress])
     ids = torch.searchsorted(allowed, r.completion_ids)  # each id's place among the allowed
@@ -418,13 +417,13 @@ def test_the_step_loss_and_gradient_equal_eq7_by_hand(tok, method):
 
 def test_micro_batches_give_one_pass_and_bf16_models_keep_fp32_maths(tok):
     """Forwards of 1, 3 and N rows (one gating nothing) give one pass's loss and gradient; bf16
-    models a distillation term within 1% of fp32 (the maths is fp32)."""
+    models a distillation term within 1% of fp32 (fp32 maths)."""
     r, rewards, teacher = rollouts_of(tok), torch.tensor([2.0, 0, 1, 0, 0, 0, 2, 1]), tiny_vlm(tok, 48, 1)
     results, rows = [], []
     for size in (None, 1, 3, 8):
         student = tiny_vlm(tok)
-        student.register_forward_pre_hook(lambda m, a, k: rows.append(len(k["input_ids"])),
-                                          with_kwargs=True)
+        student.register_forward_pre_hook(
+            lambda m, a, k: rows.append(len(k["input_ids"])), with_kwargs=True)
         cfg = kepo.KEPOConfig(group_size=2, micro_batch_size=size)
         results.append((kepo.kepo_backward(student, teacher, r, rewards, "kdpo", cfg, None, []),
                         grads(student)))
@@ -447,14 +446,15 @@ def test_config_and_step_refuse_what_would_mean_something_else(tok):
            ("hint_mode", "adaptve"), ("cliff_trigger", "format"), ("max_grad_norm", 0.0),
            ("micro_batch_size", 0)]
     assert {name for name, _ in bad} == {f.name for f in fields(kepo.KEPOConfig)}
-    for name, value in bad + [("tau", None), ("temperature", float("nan")),
-                              ("beta_rl", float("inf"))]:
+    nan, inf = float("nan"), float("inf")
+    for name, value in bad + [("tau", None), ("temperature", nan), ("beta_rl", inf)]:
         with pytest.raises((ValueError, TypeError), match=f"KEPOConfig.{name}=|not supported"):
             kepo.KEPOConfig(**{name: value})
     student, teacher, prompts, hints, cfg = scripted_step(tok)
-    for method, kwargs, why in [("ppo", {}, "method must"), ("kepo", {}, "needs a teacher"),
-                                ("kepo", {"teacher": teacher}, "needs hint_prompts"),
-                                ("grpo", {"cfg": replace(cfg, beta_rl=0.1)}, "ref_model")]:
+    for method, kwargs, why in [
+            ("ppo", {}, "method must"), ("kepo", {}, "needs a teacher"),
+            ("kepo", {"teacher": teacher}, "needs hint_prompts"),
+            ("grpo", {"cfg": replace(cfg, beta_rl=0.1)}, "ref_model")]:
         with pytest.raises(ValueError, match=why):
             step(student, tok, prompts, **{"cfg": cfg, "method": method} | kwargs)
     assert student.calls == []  # refused before any sampling
@@ -462,7 +462,7 @@ def test_config_and_step_refuse_what_would_mean_something_else(tok):
 def test_the_kl_to_a_reference_is_finite_after_early_eos(tok):
     """Pad positions hold suppressed ids near -1e9 (a float32 step is 128): unmasked, a
     policy's KL to itself would be NaN. For grpo and opd (it keeps beta_rl)."""
-    rule = lambda i, row: answer("b") if i % 2 else answer("c") + " look at lesion"  # noqa: E731
+    rule = lambda i, row: answer("b") if i % 2 else answer("c") + " look at lesion"  # noqa
     student, ref = ScriptedVLM(tok, rule, logit_offset=300.0), ScriptedVLM(tok, rule)
     cfg = kepo.KEPOConfig(group_size=2, max_new_tokens=12, beta_rl=0.1)
     for method in ("grpo", "opd"):
@@ -507,8 +507,7 @@ def test_the_step_zeroes_clips_and_applies_its_gradient(tok, monkeypatch):
 @pytest.mark.parametrize("trigger", kepo.CLIFF_TRIGGERS)
 def test_rule_hints_trigger_per_group_on_the_cliff(tok, trigger):
     """Group 0 right, group 1 formatted but wrong (r = 1): a cliff for "accuracy", not the
-    authors' "reward" (all r = 0). "adaptive" hints cliff groups, "always" both; only kepo
-    asks for hints."""
+    authors' "reward" (all r = 0). "adaptive" hints cliff groups, "always" both; kepo only."""
     for method in kepo.METHODS:
         for mode, hinted in (("adaptive", int(trigger == "accuracy")), ("always", 2)):
             student, teacher, prompts, hints, cfg = scripted_step(
@@ -555,7 +554,6 @@ def test_rule_injection_keeps_the_hint_free_prompt_and_the_trace_is_the_steps(to
     assert torch.equal(r.prompts.input_ids, prompts.select([0] * 4 + [1] * 4).input_ids)
     assert trace["hints"] == {0: "look", 1: "look"}
 
-
 # ---- KEPO's rules, on a scripted policy (each broken in a copy fails its test) ----
 def test_rule_each_correct_hinted_sample_is_accepted_on_its_own(tok):
     """One correct sample a try of two: each is kept (all-or-nothing: none)."""
@@ -601,19 +599,18 @@ def test_rule_the_gate_admits_r_at_least_tau_and_the_teacher_sees_only_those_row
     assert teacher.calls == [] and m["distill_loss"] == 0.0 and math.isfinite(m["loss"])
 
 def test_rule_a_group_without_a_hint_tag_is_not_sampled(tok):
-    rule = lambda i, row: "<hint> look </hint>" if i == 0 else "look at lesion"  # noqa: E731
+    rule = lambda i, row: "<hint> look </hint>" if i == 0 else "look at lesion"  # noqa
     student, teacher, prompts, hints, cfg = scripted_step(tok, teacher_rule=rule)
     r = kepo.generate_rollouts(student, tok, prompts, 4, cfg, [])
-    out, stats = kepo.knowledge_enhance(student, teacher, tok, r, torch.ones(8), ["B", "A"],
-                                        [0, 1], hints, cfg, [])
+    out, stats = kepo.knowledge_enhance(
+        student, teacher, tok, r, torch.ones(8), ["B", "A"], [0, 1], hints, cfg, [])
     assert stats == {"hint_groups": 2, "hint_written": 1, "hint_accept_rate": 0.5, "hint_injected": 2}
     assert student.calls[-1] == ("generate", 2)  # K = 2, group 0 only
     assert out.texts == [answer("b")] * 2 + [answer("c")] * 6
     assert [kepo.extract_hint(t) for t in ("x <hint> a b </hint> y", "<hint> </hint>", "<hint>a")] \
         == ["a b", None, None]
 
-
-# ---- Multi-GPU: two processes (DDP, FSDP2) step as one process on the global batch ----
+# ---- Multi-GPU: two processes (DDP, FSDP2) step as one on the global batch ----
 WORKER_TIMEOUT = 60  # seconds a rank waits in a collective, then fails
 
 def shard(model):
@@ -642,8 +639,8 @@ def distributed_worker(mode):
     model = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True) \
         if mode == "ddp" else student
     rows = list(range(4 * rank, 4 * rank + 4))
-    mean = torch.tensor(kepo.kepo_backward(model, teacher, r.select(rows), rewards[rows], "kdpo",
-                                           cfg, None, [])["loss"])
+    mean = torch.tensor(kepo.kepo_backward(
+        model, teacher, r.select(rows), rewards[rows], "kdpo", cfg, None, [])["loss"])
     dist.all_reduce(mean)
     full = torch.cat([(p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).flatten()
                       for p in student.parameters() if p.grad is not None])
@@ -677,13 +674,12 @@ def sharded_work_differs_by_rank(tok, student, teacher, rank):
 
 @pytest.mark.parametrize("mode", ["ddp", "shard"])
 def test_two_ranks_step_as_one_process_on_the_global_batch(mode):
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           os.path.abspath(__file__), "--worker", mode], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         os.path.abspath(__file__), "--worker", mode], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("max grad diff") == 2
     assert proc.stdout.count("in lockstep") == (2 if mode == "shard" else 0)
-
 
 # ---- train_small.py: the toy, its stages, its command line ----
 import train_small as ts  # noqa: E402  (kepo.py's tests above do not need it)
@@ -723,7 +719,6 @@ def test_smoke_pipeline_trains_at_every_step_and_the_student_reloads(smoke):
     assert re.search(r"\| base student names the organ, worst modality \(\w+\) \| [0-9.]+", stdout)
     before = json.loads((out / "smoke-seed1" / "before_rl.json").read_text())
     assert len(before["premises"]) == 6 and "| chance |" in stdout
-    assert "the smoke preset is too small for them" in stdout
     lines = metrics(out)
     assert [m["step"] for m in lines] == list(range(1, 7))
     assert all(m["grad_norm"] > 0 and m["loss"] != 0 and m["reward_std"] > 0 and m["gate_frac"] > 0
@@ -746,8 +741,8 @@ def test_readme_usage_snippet_runs_as_written(smoke, tmp_path):
     assert "beta_rl" in opd  # kepo.py keeps the k3 KL for opd
 
 def test_the_rollout_log_and_page_show_every_logged_group(smoke):
-    """rollouts.jsonl: each logged step's groups, metrics.jsonl's loss parts; the page: every
-    group and rollout, a completion made of HTML (gated or not) as text, no link out."""
+    """rollouts.jsonl: each logged step's groups and loss parts; the page: every group and
+    rollout, HTML in a completion (gated or not) as text, no link out."""
     import rollouts
     from html.parser import HTMLParser
     run = smoke[0] / "smoke-seed1" / "rl-kepo"
@@ -806,9 +801,10 @@ def test_killed_run_resumes_exactly_and_never_mixes_settings(smoke, tmp_path):
     grpo = replace(a, method="grpo")  # the gate does not shape grpo
     assert ts.run_settings(grpo, cfg, {}) == ts.run_settings(replace(grpo, tau=2.0), cfg, {})
 
-@pytest.mark.parametrize("flag,stages", [("--teacher-steps", ["smoke-teacher"]),
-                                         ("--base-steps", ["smoke-base", "smoke-seed1/student_init"]),
-                                         ("--warm-steps", ["smoke-seed1/student_init"])])
+@pytest.mark.parametrize("flag,stages", [
+    ("--teacher-steps", ["smoke-teacher"]),
+    ("--base-steps", ["smoke-base", "smoke-seed1/student_init"]),
+    ("--warm-steps", ["smoke-seed1/student_init"])])
 def test_a_rebuilt_stage_gives_a_fresh_folders_premises(smoke, tmp_path, flag, stages):
     """A stage rebuilt with other settings: its children are refused until rebuilt too; the
     premises are a fresh folder's."""
@@ -819,13 +815,13 @@ def test_a_rebuilt_stage_gives_a_fresh_folders_premises(smoke, tmp_path, flag, s
         shutil.rmtree(old / stage)  # as the error says
     rebuilt = run_script(*flags, "--out", str(old))
     fresh = run_script(*flags, "--out", str(tmp_path / "new"))
-    table = lambda p: p[p.index("premises"):p.index("greedy")]  # noqa: E731
+    table = lambda p: p[p.index("premises"):p.index("greedy")]  # noqa
     assert rebuilt.returncode == fresh.returncode == 0
     assert table(rebuilt.stdout) == table(fresh.stdout) != table(smoke[1].replace("stage 4", "greedy"))
 
 def test_a_byte_identical_rebuild_reuses_runs_whose_files_are_checked(smoke, tmp_path):
     """A stage rebuilt to the same bytes keeps its runs (no key holds a time); a run's damaged
-    file is named; a checkpoint whose weights change is another input."""
+    file is named; a checkpoint's new weights are another input."""
     out = copy_of(smoke, tmp_path / "out", drop=())
     (out / "smoke-seed1" / "student_init" / "stage.json").unlink()
     proc = run_script(*SMOKE, "--out", str(out))
@@ -858,7 +854,7 @@ def test_a_byte_identical_rebuild_reuses_runs_whose_files_are_checked(smoke, tmp
     (["--student", "."], "--student and --teacher go together"),
     (["--data", "x.jsonl"], "--data needs --student and --teacher"),
     (["--device", "tpu"], r"--device tpu: auto, cpu or cuda\[:N\]"),
-    (["--out", "a_file"], "--out a_file is a file"),
+    (["--out", "a_file"], "--out a_file: cannot write"),
     (["--out", "a_file/runs"], "--out a_file/runs: cannot write there"),
     pytest.param(["--device", "cuda"], "--device cuda: .* sees no CUDA GPU", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="a GPU is present")),
@@ -871,23 +867,20 @@ def test_bad_flags_are_refused_in_one_line_before_any_work(tmp_path, flags, mess
     assert len(proc.stderr.strip().splitlines()) == 1  # no usage block
     assert not list((tmp_path / "runs").glob("*"))
 
-def test_help_shows_every_default():
-    shown = " ".join(run_script("--help").stdout.split())
-    assert all(f"(default: {f.default})" in shown for f in fields(ts.Args))
-
 def full_disk(path):  # torch.save writes until the disk is full, then says so thus
     with open(path, "w") as f:
         f.write("the first")
     raise RuntimeError("unexpected pos 210688 vs 210576")
 
-def test_damaged_files_are_named_and_never_trusted_and_a_full_disk_says_so(smoke, tmp_path,
-                                                                           monkeypatch):
+def test_damaged_files_are_named_and_never_trusted_and_a_full_disk_says_so(
+        smoke, tmp_path, monkeypatch):
     out = copy_of(smoke, tmp_path, drop=())
     root, stage = out / "smoke-seed1", out / "smoke-teacher"
     run = root / "rl-kepo"
-    for path, read in ((root / "before_rl.json", ts.read), (run / "results.json", ts.read),
-                       (run / "metrics.jsonl", ts.read_jsonl), (run / "ckpt.pt", ts.load_checkpoint),
-                       (stage / "stage.json", ts.read)):
+    for path, read in (
+            (root / "before_rl.json", ts.read), (run / "results.json", ts.read),
+            (run / "metrics.jsonl", ts.read_jsonl), (run / "ckpt.pt", ts.load_checkpoint),
+            (stage / "stage.json", ts.read)):
         path.write_text("{")  # cut short
         with pytest.raises(ts.UserError, match=f"{path} is damaged"):
             read(path)
@@ -911,7 +904,7 @@ def test_damaged_files_are_named_and_never_trusted_and_a_full_disk_says_so(smoke
 
 def test_toy_questions_prompts_and_pixels():
     a = ts.make_split(3, "train", "mri", 200)
-    assert a == ts.make_split(3, "train", "mri", 200) and a != ts.make_split(4, "train", "mri", 200)
+    assert a == ts.make_split(3, "train", "mri", 200) != ts.make_split(4, "train", "mri", 200)
     assert {e.qtype for e in a} == set(ts.QUESTIONS)
     proc = ts.build_processor()
     for e in a:
@@ -923,11 +916,11 @@ def test_toy_questions_prompts_and_pixels():
     exs, texts = a[:3], [ts.prompt_text(e) for e in a[:3]]
     fast, slow = ts.encode(proc, ts.with_pixels(exs), texts, "cpu"), ts.encode(proc, exs, texts, "cpu")
     assert fast.input_ids.equal(slow.input_ids) and fast.attention_mask.equal(slow.attention_mask)
-    torch.testing.assert_close(fast.vision["pixel_values"], slow.vision["pixel_values"], atol=1e-6,
-                               rtol=0)
+    fast, slow = fast.vision["pixel_values"], slow.vision["pixel_values"]
+    torch.testing.assert_close(fast, slow, atol=1e-6, rtol=0)
 
 def test_chance_the_premises_and_coherence_by_hand():
-    q = lambda m, t, n: ts.Example(None, t, "q", tuple("wxyz"[:n]), "a", "", m)  # noqa: E731
+    q = lambda m, t, n: ts.Example(None, t, "q", tuple("wxyz"[:n]), "a", "", m)  # noqa
     exs = [q("mri", "anatomy", 4), q("mri", "attribute", 2), q("ct", "grading", 3),
            q("ct", "attribute", 3), q("oct", "anatomy", 4)]
     data = ts.Data(["ct", "mri", "oct"], ["anatomy", "grading", "attribute"], "mri", [], [], exs,
@@ -949,6 +942,23 @@ def test_chance_the_premises_and_coherence_by_hand():
              "<think> size medium a </think> <answer> a </answer>",  # wrong but coherent
              "<think> size large b </think> <answer> c </answer>", "<think> size large b </think>"]
     assert ts.coherent([e] * 5, texts).tolist() == [1, 0, 1, 0, 0]
+
+def test_the_toy_teacher_trains_on_until_its_own_check_holds(tmp_path, monkeypatch):
+    proc, done = ts.build_processor(), []
+    monkeypatch.setattr(ts, "sft_steps", lambda *args: done.append(list(args[5])))
+    config = {"steps": 3, "batch": 1, "lr": 1.0, "check": {"every": 2, "cap": 7}}
+    for at in (5, 8):  # holds from step 5; never: on to the cap
+        done.clear()
+        ts.sft_stage(ts.Args(device="cpu"), tmp_path / str(at), proc, lambda: ts.build_vlm(
+            proc.tokenizer, 16, 1), list, 0, config, "", lambda m: {"holds": done[-1][-1] >= at})
+        check = json.loads((tmp_path / str(at) / "stage.json").read_text())["check"]
+        assert done == [[1, 2, 3], [4, 5], [6, 7]][:2 + (at > 5)]
+        assert check == {"holds": at == 5, "steps": min(at, 7)}
+    monkeypatch.setattr(ts, "correctness", lambda *_: None)
+    good = {m: 0.95 for m in ts.MODALITIES} | {f"q/{q}": 0.95 for q in ts.QUESTIONS}
+    for bad in ({}, {"q/grading": 0.94}, {"oct": 0.89}):  # at CHECK_MINS; under
+        monkeypatch.setattr(ts, "summarize", lambda *_: good | bad)
+        assert ts.teacher_check(None, proc, None, ts.Args(n_pool=1), None)["holds"] == (not bad)
 
 def test_the_warm_up_lists_biased_answers_first_unless_hinted():
     """The cliff's cause: the BIASED types' answer is always option a in the warm-up."""
@@ -976,8 +986,8 @@ def test_report_by_hand(tmp_path):
             curve = [{"step": 1, "eval/OOD": 0.4}, {"step": 2, "eval/OOD": 0.1 * seed}]
             (root / run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in curve))
         premise = {"premise": "cliff", "value": 0.1 * seed, "holds": seed == 2}
-        (root / "before_rl.json").write_text(json.dumps({"rows": {"chance": row},
-                                                         "premises": [premise]}))
+        before = {"rows": {"chance": row}, "premises": [premise]}
+        (root / "before_rl.json").write_text(json.dumps(before))
     report.report(str(tmp_path), "cpu")
     text = (tmp_path / "cpu-report.md").read_text()
     assert "| cliff | 0.100 ✗ | 0.200 |" in text
@@ -990,7 +1000,6 @@ def test_report_by_hand(tmp_path):
     with pytest.raises(SystemExit, match="cpu-seed2/rl-kepo/metrics.jsonl is damaged"):
         report.report(str(tmp_path), "cpu")
 
-
 # ---- Your own data and checkpoints (--data, --student, --teacher) ----
 def write_jsonl(folder, per_modality=12):
     """Toy questions as image files and OmniMedVQA records."""
@@ -998,9 +1007,9 @@ def write_jsonl(folder, per_modality=12):
     for m in ("mri", "ct", "xray"):
         for i, e in enumerate(ts.make_split(5, "jsonl", m, per_modality)):
             ts.draw(e.case).save(folder / f"{m}_{i}.png")
-            lines.append(json.dumps({"image": f"{m}_{i}.png", "question": e.question,
-                                     "options": list(e.options), "answer": e.answer.upper(),
-                                     "modality": m, "qtype": e.qtype}))
+            lines.append(json.dumps({
+                "image": f"{m}_{i}.png", "question": e.question, "options": list(e.options),
+                "answer": e.answer.upper(), "modality": m, "qtype": e.qtype}))
     (folder / "omni.jsonl").write_text("\n".join(lines) + "\n")
     return folder / "omni.jsonl", lines
 
@@ -1034,18 +1043,18 @@ def test_a_jsonl_image_cut_short_or_a_line_not_utf8_names_file_and_line(tmp_path
     image.write_bytes(image.read_bytes()[:len(image.read_bytes()) // 2])  # the header survives
     assert jsonl_error(path).startswith(f"{path}:4: ")
     path.write_bytes(path.read_bytes().replace(b"what", b"wh\xe4t", 1))
-    assert jsonl_error(path) == f"{path}:1: not UTF-8"
+    assert jsonl_error(path).startswith(f"{path}:1: 'utf-8' codec can't decode")
     for ckpt in ("s", "t"):  # the data are read before the checkpoints
         (tmp_path / ckpt).mkdir()
         (tmp_path / ckpt / "config.json").write_text("{}")
     proc = run_script("--data", str(path), "--student", "s", "--teacher", "t", cwd=tmp_path)
-    assert refused(proc, f"^train_small.py: error: {path}:1: not UTF-8$")
+    assert refused(proc, f"^train_small.py: error: {path}:1: 'utf-8' codec can't decode")
 
 def test_a_jsonl_test_question_is_never_trained_on_whatever_the_seed(tmp_path):
     path, _ = write_jsonl(tmp_path)
-    splits = [ts.jsonl_data(ts.Args(**ts.PRESETS["smoke"], data=str(path), seed=s, student="s",
-                                    teacher="t")) for s in (1, 2)]
-    key = lambda e: (e.image, e.question)  # noqa: E731
+    splits = [ts.jsonl_data(ts.Args(**ts.PRESETS["smoke"], data=str(path), seed=s,
+                                    student="s", teacher="t")) for s in (1, 2)]
+    key = lambda e: (e.image, e.question)  # noqa
     assert [key(e) for e in splits[0].test] == [key(e) for e in splits[1].test]
     assert not {key(e) for e in splits[0].test} & {key(e) for e in splits[0].train}
     assert len(splits[0].test) == 3 * 2  # 20% of 12, per modality
@@ -1059,8 +1068,8 @@ def chat_words():
                   | {w for w in vocab if w[0] != "<"})
 
 def save_checkpoint(path, family, hidden, seed, end=""):
-    """A tiny checkpoint with processor and chat template, bf16 and right-padded as some
-    released ones are."""
+    """A tiny checkpoint, processor and chat template, bf16 and right-padded as some
+    released ones."""
     template = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
                 "IMAGE {% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}" + end)
     if family == "gemma3":
@@ -1068,10 +1077,10 @@ def save_checkpoint(path, family, hidden, seed, end=""):
             "IMAGE", "<start_of_image>"))
     else:
         tok = make_tokenizer(words=chat_words())
-        proc = tr.LlavaProcessor(tr.SiglipImageProcessor(size={"height": 16, "width": 16}), tok,
-                                 patch_size=8, vision_feature_select_strategy="full",
-                                 num_additional_image_tokens=0,
-                                 chat_template=template.replace("IMAGE", "<image>"))
+        proc = tr.LlavaProcessor(
+            tr.SiglipImageProcessor(size={"height": 16, "width": 16}), tok, patch_size=8,
+            vision_feature_select_strategy="full", num_additional_image_tokens=0,
+            chat_template=template.replace("IMAGE", "<image>"))
         model = tiny_vlm(tok, hidden, seed)
     proc.tokenizer.padding_side = "right"
     model.bfloat16().save_pretrained(path)
@@ -1080,8 +1089,8 @@ def save_checkpoint(path, family, hidden, seed, end=""):
 @pytest.mark.parametrize("family", ["llava", "gemma3"])
 def test_the_readme_checkpoint_command_runs_on_a_fresh_out(tmp_path, family):
     readme = open(os.path.join(HERE, "README.md")).read()
-    command = re.search(r"python train_small.py (--data omni.jsonl --student \S+ --teacher \S+)",
-                        readme).group(1).split()
+    pattern = r"python train_small.py (--data omni.jsonl --student \S+ --teacher \S+)"
+    command = re.search(pattern, readme).group(1).split()
     write_jsonl(tmp_path)
     save_checkpoint(tmp_path / "ckpt" / "student", family, 32, 0)
     save_checkpoint(tmp_path / "ckpt" / "teacher", family, 48, 1)
@@ -1095,8 +1104,8 @@ def test_the_readme_checkpoint_command_runs_on_a_fresh_out(tmp_path, family):
 
 def test_a_checkpoint_is_padded_left_asked_in_words_and_trained_in_fp32(tmp_path):
     save_checkpoint(tmp_path / "s", "gemma3", 32, 0)
-    proc, teacher, student = ts.checkpoints(ts.Args(student=str(tmp_path / "s"), device="cpu",
-                                                    teacher=str(tmp_path / "s")))
+    s = str(tmp_path / "s")
+    proc, teacher, student = ts.checkpoints(ts.Args(student=s, device="cpu", teacher=s))
     assert proc.tokenizer.padding_side == "left"  # saved right-padded
     assert {p.dtype for p in student.parameters()} == {torch.float32}  # saved in bf16
     exs = ts.make_split(1, "train", "mri", 2)  # a list of images per prompt: Gemma 3 needs it

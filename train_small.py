@@ -16,7 +16,6 @@ GPUs, call kepo.kepo_step from a DDP or FSDP2 trainer.
 from __future__ import annotations
 
 import argparse
-import errno
 import hashlib
 import json
 import math
@@ -77,27 +76,27 @@ class Args:
 
 PRESETS = {"default": {},
            "cpu": dict(batch_prompts=16),
-           # tiny models, high learning rates: each RL step has a reward
-           # spread, gated rows and a gradient (CI checks)
-           "smoke": dict(teacher_steps=40, base_steps=10, warm_steps=40, steps=6,
-                         teacher_lr=1e-2, sft_lr=1e-2, sft_batch=16, batch_prompts=4,
-                         n_pool=8, n_train=16, n_warm=16, n_test=4, n_cliff=8,
-                         eval_every=2, student_width=32,
-                         student_layers=1, teacher_width=48, teacher_layers=1)}
+           # tiny, high lrs: each RL step has reward spread, gated rows, a gradient
+           "smoke": dict(
+               teacher_steps=40, base_steps=10, warm_steps=40, steps=6, teacher_lr=1e-2,
+               sft_lr=1e-2, sft_batch=16, batch_prompts=4, n_pool=8, n_train=16, n_warm=16,
+               n_test=4, n_cliff=8, eval_every=2, student_width=32, student_layers=1,
+               teacher_width=48, teacher_layers=1)}
 METHODS = ["grpo", "opd", "kdpo", "kepo"]
 CHOICES = {"preset": list(PRESETS), "method": METHODS, "dtype": ["fp32", "bf16"],
            "hint_mode": ["adaptive", "always"]}
 
 def parse_args(argv=None):
     """Args from the preset and flags, checked before any heavy import."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     epilog="--preset cpu and smoke change some defaults")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], epilog="--preset cpu and smoke change some defaults")
     parser.error = lambda why: parser.exit(2, f"train_small.py: error: {why} (see --help)\n")
     for f in fields(Args):
         kind = dict(action="store_true") if f.type == "bool" else dict(
             type=type(f.default), choices=CHOICES.get(f.name))
-        parser.add_argument("--" + f.name.replace("_", "-"), **kind, default=argparse.SUPPRESS,
-                            help=f"{f.metadata['help']} (default: {f.default})")
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"), **kind, default=argparse.SUPPRESS,
+            help=f"{f.metadata['help']} (default: {f.default})")
     raw = sys.argv[1:] if argv is None else argv
     flags = [x.split("=")[0] for x in raw if x.startswith("--")]
     if twice := [x for x in flags if flags.count(x) > 1]:
@@ -124,8 +123,7 @@ def check_args(a: Args):
         (a.n_train >= a.batch_prompts, "--n-train must be >= --batch-prompts"),
         (a.n_cliff <= a.n_train, "--n-cliff must be <= --n-train"),
         (bool(a.student) == bool(a.teacher), "--student and --teacher go together"),
-        (not a.data or a.student, "--data needs --student and --teacher (the toy's "
-                                  "models know its words only)"),
+        (not a.data or a.student, "--data needs --student and --teacher"),
         (not a.data or os.path.isfile(a.data), f"--data {a.data}: no such file"),
         (a.device in ("auto", "cpu") or a.device.split(":")[0] == "cuda",
          f"--device {a.device}: auto, cpu or cuda[:N]"),
@@ -136,9 +134,7 @@ def check_args(a: Args):
 
 def out_error(out):
     """Why --out cannot hold the runs, or None (then it exists)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        return f"--out {out} is a file"
-    try:
+    try:  # a file there: "File exists"
         os.makedirs(out, exist_ok=True)
         Path(out, ".write-test").touch()
         Path(out, ".write-test").unlink()
@@ -152,10 +148,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # optional backends
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers  # noqa: E402
-from transformers import (AutoModelForImageTextToText, AutoProcessor, LlavaConfig,  # noqa
-                          LlavaForConditionalGeneration, LlavaProcessor,
-                          PreTrainedTokenizerFast, Qwen2Config, SiglipImageProcessor,
-                          SiglipVisionConfig)
+from transformers import (  # noqa: E402
+    AutoModelForImageTextToText, AutoProcessor, LlavaConfig, LlavaForConditionalGeneration,
+    LlavaProcessor, PreTrainedTokenizerFast, Qwen2Config, SiglipImageProcessor,
+    SiglipVisionConfig)
 
 from transformers.utils import logging as hf_logging  # noqa: E402
 
@@ -173,8 +169,7 @@ class UserError(ValueError):
 PROGRESS_SECONDS = 10  # a progress line at least this often
 LOGS = ("metrics.jsonl", "rollouts.jsonl")  # RL's logs, a line a step or group
 
-# Stages 1-3 for RL; warm: the warm student's folder
-Stages = namedtuple("Stages", "proc teacher warm data before key")
+Stages = namedtuple("Stages", "proc teacher warm data before key")  # warm: a folder
 
 def rl(a: Args, cfg, s: Stages, folder: Path, settings: dict):
     """RL from the warm student, also the `kl` metric's reference; returns it."""
@@ -208,15 +203,14 @@ def rl(a: Args, cfg, s: Stages, folder: Path, settings: dict):
         if curve and (line := rollouts.summary(recs, cfg.num_hinted)):
             print(line)
         if step % a.eval_every == 0:
+            rng = [torch.get_rng_state(), torch.cuda.get_rng_state_all()]
             state = {"model": student.state_dict(), "optimizer": opt.state_dict(),
-                     "rng": [torch.get_rng_state(), torch.cuda.get_rng_state_all()],
-                     "step": step, "settings": settings}
+                     "rng": rng, "step": step, "settings": settings}
             write_atomically(ckpt, partial(torch.save, state))
-    write_atomically(folder / "student", lambda d: (student.save_pretrained(d),
-                                                     s.proc.save_pretrained(d)))
+    write_atomically(folder / "student", lambda d: (
+        student.save_pretrained(d), s.proc.save_pretrained(d)))
     print(f"  rollouts: {rollouts.write_page(folder)} (and .jsonl)")
     return student
-
 
 def keep_until(path, step):
     """A JSON-lines log cut to steps <= step."""
@@ -230,8 +224,8 @@ def progress(line, left, done, start):
     return time.time()
 
 def resume(a: Args, ckpt: Path, student, opt):
-    """The last finished step: the checkpoint's with --resume, with the RNG
-    (a resumed run samples alike); its settings are checked."""
+    """The last finished step: the checkpoint's with --resume, RNG too (a
+    resumed run samples alike)."""
     torch.manual_seed(a.seed)
     if not (a.resume and ckpt.exists()):
         return 0
@@ -261,8 +255,8 @@ def completions(model, proc, examples, texts, cfg, device, n=1, greedy=True,
     suppress = kepo.suppressed_ids(proc.tokenizer, model)
     for i in range(0, len(examples), size):
         batch = encode(proc, examples[i:i + size], texts[i:i + size], device)
-        out += kepo.generate_rollouts(model, proc.tokenizer, batch, n, cfg, suppress,
-                                      max_new_tokens, greedy).texts
+        out += kepo.generate_rollouts(
+            model, proc.tokenizer, batch, n, cfg, suppress, max_new_tokens, greedy).texts
     return out
 
 def correctness(model, proc, examples, cfg, device, n=1, greedy=True):
@@ -274,9 +268,8 @@ def correctness(model, proc, examples, cfg, device, n=1, greedy=True):
 THINK_RE = re.compile(r"<think>(.*)</think>\s*<answer>(.*)</answer>", re.S)
 
 def coherent(examples, texts):
-    """[N] 1.0 where the reasoning agrees with the answer (`<think> size large
-    c </think> <answer> c </answer>`): formatted, the think's letter is the
-    answer's, and its option is the evidence's value."""
+    """[N] 1.0 where formatted, the think's letter is the answer's and its
+    option the evidence's value (`<think> size large c </think> <answer> c`)."""
     def agree(e, text):
         m = THINK_RE.fullmatch(text.strip()) if kepo.format_reward([text])[0] else None
         words = m[1].split() if m else []
@@ -286,8 +279,8 @@ def coherent(examples, texts):
 
 def evaluate(model, proc, data: Data, cfg, device):
     """Greedy accuracy on the test set (summarize), the coherent share."""
-    texts = completions(model, proc, data.test, [prompt_text(e, chat(proc)) for e in data.test],
-                        cfg, device)
+    prompts = [prompt_text(e, chat(proc)) for e in data.test]
+    texts = completions(model, proc, data.test, prompts, cfg, device)
     res = summarize(data.test, kepo.accuracy_reward(texts, [e.answer for e in data.test]), data)
     coherence = summarize(data.test, coherent(data.test, texts), data)
     return res | {"coherence/ID": coherence["ID"], "coherence/OOD": coherence["OOD"]}
@@ -309,34 +302,37 @@ def cliff_mask(model, proc, examples, cfg, device):
     cliff = kepo.cliff_groups(right, right, cfg.group_size, "accuracy")
     return [i in cliff for i in range(len(examples))]
 
+def teacher_premises(t, mins=(TEACHER_MIN_QTYPE, TEACHER_MIN_MODALITY)):
+    """(premise, value, min, None): row t's worst question type, modality."""
+    q = min([k for k in t if k.startswith("q/")], key=t.get)
+    m = min([k for k in t if "/" not in k and k not in ("ID", "OOD")], key=t.get)
+    return [(f"teacher accuracy, worst question type ({q[2:]})", t[q], mins[0], None),
+            (f"teacher accuracy, worst modality ({m})", t[m], mins[1], None)]
+
 def premises(rows, cliff, described):
     """The toy's premises before RL, with targets (min, max)."""
     t, s, c = rows["teacher"], rows["student (before RL)"], rows["chance"]
-    qtypes = [k for k in t if k.startswith("q/")]
-    q = min(qtypes, key=t.get)
-    m = min([k for k in t if "/" not in k and k not in ("ID", "OOD")], key=t.get)
-    items = [(f"teacher accuracy, worst question type ({q[2:]})", t[q], TEACHER_MIN_QTYPE, None),
-             (f"teacher accuracy, worst modality ({m})", t[m], TEACHER_MIN_MODALITY, None),
-             ("warm student OOD accuracy", s["OOD"], c["OOD"] + ROOM, t["OOD"] - ROOM),
-             ("warm student ID accuracy", s["ID"], None, t["ID"] - ROOM),
-             ("learning cliff: train prompts with all G samples wrong", cliff, CLIFF_MIN, None)]
+    items = teacher_premises(t) + [
+        ("warm student OOD accuracy", s["OOD"], c["OOD"] + ROOM, t["OOD"] - ROOM),
+        ("warm student ID accuracy", s["ID"], None, t["ID"] - ROOM),
+        ("learning cliff: train prompts with all G samples wrong", cliff, CLIFF_MIN, None)]
     if described is not None:
         m = min(described, key=described.get)
-        items.append((f"base student names the organ, worst modality ({m})",
-                      described[m], BASE_MIN, None))
+        name = f"base student names the organ, worst modality ({m})"
+        items.append((name, described[m], BASE_MIN, None))
     return [{"premise": n, "value": v, "min": lo, "max": hi,
              "holds": (lo is None or v >= lo) and (hi is None or v <= hi)}
             for n, v, lo, hi in items]
 
 def premises_table(items, seed):
-    target = lambda p: " and ".join(f"{op} {x:.2f}" for op, x in (  # noqa: E731
+    target = lambda p: " and ".join(f"{op} {x:.2f}" for op, x in (  # noqa
         (">=", p["min"]), ("<=", p["max"])) if x is not None)
     return md_table(["premise", f"seed {seed}", "target"], [
         [p["premise"], f"{p['value']:.3f}" + " ✗" * (not p["holds"]), target(p)] for p in items])
 
 def before_rl(a: Args, cfg, proc, teacher, student, data: Data, key: dict):
-    """Chance, teacher, warm student, the cliff, the base's descriptions and
-    the premises; cached under `key`, what made them."""
+    """Chance, teacher, warm student, the cliff, the base's descriptions,
+    the premises; cached under `key`."""
     path = seed_root(a) / "before_rl.json"
     key = as_json(key | {"n_test": a.n_test, "n_cliff": a.n_cliff, "G": a.group_size})
     if path.exists() and (cached := read(path))["key"] == key:
@@ -349,9 +345,9 @@ def before_rl(a: Args, cfg, proc, teacher, student, data: Data, key: dict):
         rows[name] = evaluate(model, proc, data, cfg, a.device)
     described, base = None, stage_paths(a).get("base")
     if base:  # per modality, the descriptions naming the organ
-        texts = completions(load_model(base, a.device, "the base stage"), proc, data.test,
-                            [DESCRIBE_PROMPT] * len(data.test), cfg, a.device,
-                            max_new_tokens=DESCRIBE_TOKENS)
+        texts = completions(
+            load_model(base, a.device, "the base stage"), proc, data.test,
+            [DESCRIBE_PROMPT] * len(data.test), cfg, a.device, max_new_tokens=DESCRIBE_TOKENS)
         hits = [float(f"organ {e.case.organ}" in t) for e, t in zip(data.test, texts)]
         res = summarize(data.test, torch.tensor(hits), data)
         described = {m: res[m] for m in data.modalities}
@@ -375,22 +371,30 @@ MODALITY_SHARE = 0.2  # of warm-up questions ask an image's modality
 BIASED = ("grading", "attribute")  # the warm-up lists their answer first
 MAX_GRAD_NORM = 1.0  # clipping in the supervised stages
 PRETRAIN_SEED = 0  # teacher and base stand for released checkpoints
+# Past --teacher-steps the teacher trains on until a split of its own
+# clears its premises with room for a test set's other questions
+CHECK_EVERY = 500  # teacher steps between checks
+CHECK_CAP = 2  # at most this times --teacher-steps
+CHECK_N = 200  # questions a modality (at most --n-pool)
+CHECK_MINS = (0.95, 0.90)  # question type, modality: the premises + 0.05
 
-def supervised_stages(a: Args, proc, data: Data):
-    """Stages 1-3: (teacher, warm student). Teacher and base: once per
-    preset, for every seed; the warm-up once per seed."""
+def supervised_stages(a: Args, proc, data: Data, cfg):
+    """Stages 1-3: (teacher, warm student). Teacher and base once for every
+    seed, the warm-up per seed."""
     paths, tok = stage_paths(a), proc.tokenizer
     t_size, size = (a.teacher_width, a.teacher_layers), (a.student_width, a.student_layers)
-    teacher = sft_stage(a, paths["teacher"], proc, partial(build_vlm, tok, *t_size),
-                        partial(teacher_batch, pool=data.pool), PRETRAIN_SEED,
-                        stage_config(a, t_size, a.teacher_steps, a.teacher_lr),
-                        "stage 1: teacher, every modality, hints too")
+    check = {"every": CHECK_EVERY, "cap": CHECK_CAP * a.teacher_steps}
+    teacher = sft_stage(
+        a, paths["teacher"], proc, partial(build_vlm, tok, *t_size),
+        partial(teacher_batch, pool=data.pool), PRETRAIN_SEED,
+        stage_config(a, t_size, a.teacher_steps, a.teacher_lr) | {"check": check},
+        "stage 1: teacher, every modality, hints too",
+        partial(teacher_check, proc=proc, cfg=cfg, a=a, data=data))
     sft_stage(a, paths["base"], proc, partial(build_vlm, tok, *size),
               partial(describe_batch, pool=data.pool), PRETRAIN_SEED,
               stage_config(a, size, a.base_steps, a.sft_lr),
               "stage 2: base student, describing every modality")
     base = read(paths["base"] / "stage.json")  # the warm-up's parent
-
     def init():  # the base, vision frozen (as LLaVA's tuning)
         model = load_model(paths["base"], "cpu", "the base stage")
         model.model.vision_tower.requires_grad_(False)
@@ -408,24 +412,44 @@ def stage_config(a: Args, size, steps, lr):
     return {"size": list(size), "steps": steps, "batch": a.sft_batch, "lr": lr,
             "pool": a.n_pool, "image": [IMAGE_SIZE, PATCH]}
 
-def sft_stage(a: Args, path: Path, proc, init, draw_batch, seed, config, title):
-    """The model in `path` if built with `config`, else init() trained with
-    AdamW on draw_batch(rng, n) = (examples, prompts, targets), the loss on
-    the targets, saved with its record (stage.json)."""
+def sft_stage(a: Args, path: Path, proc, init, draw_batch, seed, config, title,
+              check=None):
+    """The model in `path` if built with `config`, else init() trained on
+    draw_batch(rng, n), saved with its record (stage.json); check(model):
+    on, every config["check"]["every"] steps, until it holds or the cap."""
     if (path / "stage.json").exists():
         record = read(path / "stage.json")
         if diff := differences(record["config"], as_json(config)):
-            raise UserError(f"cached stage {path} was built with other settings ({diff}):"
-                            " use another --out or delete it")
+            raise UserError(f"cached stage {path} was built with other settings "
+                            f"({diff}): use another --out or delete it")
         verify(path, record, "stage.json")
         return load_model(path, a.device, "cached stage")
     print(f"{title} ({config['steps']} steps x {config['batch']})")
     torch.manual_seed(seed)
-    model, start = init().to(a.device), time.time()
+    model, checked, done = init().to(a.device), None, 0
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=0.0)
-    rng, steps, shown = random.Random(f"sft-{path.name}-{seed}"), config["steps"], start
-    for step in range(1, steps + 1):
-        examples, prompts, targets = draw_batch(rng, config["batch"])
+    batches = partial(draw_batch, random.Random(f"sft-{path.name}-{seed}"), config["batch"])
+    plan = config.get("check", {"cap": config["steps"], "every": 1})
+    for until in range(config["steps"], plan["cap"] + 1, plan["every"]):
+        sft_steps(a, proc, model, opt, batches, range(done + 1, until + 1), path.name)
+        done = until
+        if check is None or (checked := check(model) | {"steps": done})["holds"]:
+            break
+    if checked:  # holds False at the cap
+        print(f"  [{path.name}] own held-out check: {json.dumps(checked)}")
+    def save(d):  # weights, then the record
+        model.save_pretrained(d)
+        proc.save_pretrained(d)
+        files = checksums(d, ["model.safetensors"])
+        write_json(Path(d, "stage.json"), {"config": config, "check": checked, "files": files})
+    write_atomically(path, save)
+    return model
+
+def sft_steps(a: Args, proc, model, opt, batches, steps, name):
+    """AdamW on batches() = (examples, prompts, targets), the targets' loss."""
+    start = shown = time.time()
+    for step in steps:
+        examples, prompts, targets = batches()
         batch = encode(proc, examples, prompts, a.device, targets)
         labels = batch.input_ids.clone()  # the prompt and padding: -100
         for i, ids in enumerate(proc.tokenizer(targets).input_ids):
@@ -436,16 +460,18 @@ def sft_stage(a: Args, path: Path, proc, init, draw_batch, seed, config, title):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
         opt.step()
-        if time.time() - shown > PROGRESS_SECONDS or step == steps:
-            shown = progress(f"[{path.name}] step {step}/{steps} loss {loss.item():.3f}",
-                             steps - step, step, start)
-    def save(d):  # the record: settings and weights
-        model.save_pretrained(d)
-        proc.save_pretrained(d)
-        record = {"config": config, "files": checksums(d, ["model.safetensors"])}
-        Path(d, "stage.json").write_text(json.dumps(record))
-    write_atomically(path, save)
-    return model
+        if time.time() - shown > PROGRESS_SECONDS or step == steps[-1]:
+            line = f"[{name}] step {step}/{steps[-1]} loss {loss.item():.3f}"
+            shown = progress(line, steps[-1] - step, step - steps[0] + 1, start)
+
+def teacher_check(model, proc, cfg, a: Args, data: Data):
+    """The teacher premises at CHECK_MINS on a split no seed tests on."""
+    exs = with_pixels([e for m in MODALITIES for e in make_split(
+        PRETRAIN_SEED, "teacher-check", m, min(CHECK_N, a.n_pool))])
+    t = summarize(exs, correctness(model, proc, exs, cfg, a.device), data)
+    worst = teacher_premises(t, CHECK_MINS)
+    return {n.split(", worst ")[1]: round(v, 3) for n, v, *_ in worst} | {
+        "holds": all(v >= lo for _, v, lo, _ in worst)}
 
 def teacher_batch(rng, n, pool):
     """Fresh questions on pool images; HINT_SHARE ask for a hint."""
@@ -461,12 +487,11 @@ def describe_batch(rng, n, pool):
     return exs, [DESCRIBE_PROMPT] * n, [describe_text(e.case) for e in exs]
 
 def warmup_batch(rng, n, warm_set, pool):
-    """Train-modality questions, some hinted, modality questions on every
-    modality (an answer that cannot collapse to the train modality), and
-    the describe task replayed. BIASED types list their answer first, as
-    data with a position bias would: the warm student answers "a" for them,
-    confidently wrong once options are shuffled (the learning cliff), its
-    evidence still right."""
+    """Train-modality questions, some hinted; modality questions on every
+    modality (no collapse to the train one); the describe task replayed.
+    BIASED types list their answer first, as position-biased data would:
+    the warm student answers "a", wrong once options are shuffled (the
+    learning cliff), its evidence still right."""
     n_replay = int(n * REPLAY_SHARE)
     n_modality = int((n - n_replay) * MODALITY_SHARE)
     exs = [rng.choice(warm_set) for _ in range(n - n_replay - n_modality)]
@@ -509,8 +534,8 @@ HINTED_ASK = ("Hint: {hint}\nThe correct answer is ({letter}). Reason towards it
 TAGS = ["<think>", "</think>", "<answer>", "</answer>", "<hint>", "</hint>"]
 DESCRIBE_PROMPT = "describe the image"  # the base student's task
 DESCRIBE_TOKENS = 16  # the longest: 13 words and EOS
-WORD_SPLIT = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                      pre_tokenizers.Punctuation()])
+WORD_SPLIT = pre_tokenizers.Sequence(
+    [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
 
 def chat(proc):
     return bool(getattr(proc, "chat_template", None))  # a model for instructions
@@ -520,8 +545,8 @@ def prompt_text(ex, words=False):
     if words:
         options = "\n".join(f"({ABC[i]}) {o}" for i, o in enumerate(ex.options))
         return f"{ex.question}\n{options}\n{STUDENT_ASK}"
-    return f"{ex.question} options " + " , ".join(f"{o} {ABC[i]}"
-                                                  for i, o in enumerate(ex.options))
+    options = " , ".join(f"{o} {ABC[i]}" for i, o in enumerate(ex.options))
+    return f"{ex.question} options {options}"
 
 def hint_request_text(ex, words=False):
     """The teacher, shown the answer, asked for a hint."""
@@ -551,23 +576,20 @@ def build_processor():
         words |= set(q.split())
     images = SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                                   image_mean=[PIXEL_MEAN] * 3, image_std=[PIXEL_STD] * 3)
-    return LlavaProcessor(images, word_tokenizer(sorted(words), ["<image>"], "<image>"),
-                          patch_size=PATCH, image_token="<image>",
-                          vision_feature_select_strategy="full",
-                          num_additional_image_tokens=0)
+    return LlavaProcessor(
+        images, word_tokenizer(sorted(words)), patch_size=PATCH, image_token="<image>",
+        vision_feature_select_strategy="full", num_additional_image_tokens=0)
 
-def word_tokenizer(words, specials, image_token):
+def word_tokenizer(words):
     """Lower-cased words split on spaces and punctuation, left padding,
-    pad/bos/eos/unk, `specials` and KEPO's tags whole."""
-    vocab = dict.fromkeys(["<pad>", "<bos>", "<eos>", "<unk>", *specials, *words])
+    pad/bos/eos/unk, <image> and KEPO's tags whole."""
+    vocab = dict.fromkeys(["<pad>", "<bos>", "<eos>", "<unk>", "<image>", *words])
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     tk.normalizer, tk.pre_tokenizer = normalizers.Lowercase(), WORD_SPLIT
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
         unk_token="<unk>", padding_side="left",
-        extra_special_tokens={"image_token": image_token})
-    if others := [s for s in specials if s != image_token]:
-        tok.add_special_tokens({"additional_special_tokens": others})
+        extra_special_tokens={"image_token": "<image>"})
     tok.add_tokens(TAGS)
     return tok
 
@@ -576,10 +598,10 @@ def build_vlm(tok, hidden, layers):
     size = dict(hidden_size=hidden, intermediate_size=2 * hidden,
                 num_hidden_layers=layers, num_attention_heads=4)
     vision = SiglipVisionConfig(**size, image_size=IMAGE_SIZE, patch_size=PATCH)
-    text = Qwen2Config(**size, vocab_size=len(tok), num_key_value_heads=4,
-                       max_position_embeddings=128,
-                       tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    text = Qwen2Config(
+        **size, vocab_size=len(tok), num_key_value_heads=4, max_position_embeddings=128,
+        tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     return LlavaForConditionalGeneration(LlavaConfig(
         vision_config=vision, text_config=text, image_seq_length=IMAGE_TOKENS,
         image_token_index=tok.convert_tokens_to_ids("<image>"),
@@ -593,15 +615,14 @@ def user_turn(proc, text):
     return proc.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
 
 def encode(proc, examples, texts, device, targets=()):
-    """Prompts (and SFT targets after them) with their images, left-padded.
-    Toy pixels skip the processor: IMAGE_TOKENS image tokens, the pixels
-    normalised as the processor would (a test checks)."""
+    """Prompts (and SFT targets) with their images, left-padded. Toy pixels
+    skip the processor, normalised as it would (a test checks)."""
     full = [user_turn(proc, t) + (f" {targets[i]}" if targets else "")
             for i, t in enumerate(texts)]
     if all(e.pixels is not None for e in examples):
         image, pixels = proc.image_token, torch.stack([e.pixels for e in examples]).float()
-        enc = proc.tokenizer([t.replace(image, image * IMAGE_TOKENS) for t in full],
-                             padding=True, return_tensors="pt")
+        full = [t.replace(image, image * IMAGE_TOKENS) for t in full]
+        enc = proc.tokenizer(full, padding=True, return_tensors="pt")
         enc = dict(enc) | {"pixel_values": (pixels * (1 / 255) - PIXEL_MEAN) / PIXEL_STD}
     else:  # a list of images per prompt: the form every processor reads
         images = [[Image.open(e.image).convert("RGB") if e.image else draw(e.case)]
@@ -610,8 +631,8 @@ def encode(proc, examples, texts, device, targets=()):
     # the forward's prompt inputs (not a processor's labels)
     vision = {k: v.to(device) for k, v in enc.items()
               if k not in ("input_ids", "attention_mask", "labels")}
-    return kepo.PromptBatch(enc["input_ids"].to(device), enc["attention_mask"].to(device),
-                            vision)
+    return kepo.PromptBatch(
+        enc["input_ids"].to(device), enc["attention_mask"].to(device), vision)
 
 def student_prompts(proc, exs, device):
     """A step's hint-free prompts, worded for the model."""
@@ -624,8 +645,8 @@ def hint_prompts(exs, proc, device):
     words = chat(proc)
     return kepo.HintPrompts(
         lambda gs: prompts(gs, [hint_request_text(exs[g], words) for g in gs]),
-        lambda gs, hints: prompts(gs, [hinted_text(exs[g], h, words)
-                                       for g, h in zip(gs, hints)]))
+        lambda gs, hints: prompts(
+            gs, [hinted_text(exs[g], h, words) for g, h in zip(gs, hints)]))
 
 # ---- Toy medical VQA: cases, images, questions, the splits of a run ----
 MODALITIES = ["ct", "dermoscopy", "fundus", "mri", "microscopy", "oct", "ultrasound", "xray"]
@@ -747,9 +768,8 @@ def any_question(rng, ex):
     """A fresh question that ex's case can answer, on ex's image."""
     n = len(ex.case.slots)
     qtype = rng.choice(list(QUESTIONS) if n else ["modality", "anatomy", "diagnosis"])
-    attribute = None
-    if qtype == "attribute":
-        attribute = rng.choice(["side", "count"] if n == 1 else ["count"])
+    kinds = ["side", "count"] if n == 1 else ["count"]
+    attribute = rng.choice(kinds) if qtype == "attribute" else None
     return replace(ask(rng, ex.case, qtype, attribute), pixels=ex.pixels)
 
 def describe_text(case):
@@ -803,11 +823,10 @@ def curve(test, n_test):
             for e in [f for f in test if f.modality == m][:k]]
 
 def toy_data(a: Args):
-    """The toy's splits for a.seed (the pool: seed 0), with pixels for the
-    toy's models (a checkpoint's processor draws per batch)."""
+    """The toy's splits for a.seed (the pool: seed 0), pixels drawn for the
+    toy's models."""
     if a.train_modality not in MODALITIES:
         raise UserError(f"--train-modality must be one of {MODALITIES}")
-
     def split(name, modalities, n, seed=a.seed):
         exs = [e for m in modalities for e in make_split(seed, name, m, n)]
         return exs if a.student else with_pixels(exs)
@@ -826,8 +845,8 @@ FIELDS = {"image": str, "question": str, "options": list, "answer": str, "modali
 def parse_record(line, folder):
     """One JSONL line -> Example; a ValueError says what's wrong."""
     rec = json.loads(line)
-    if bad := [k for k, t in FIELDS.items() if not (isinstance(rec, dict)
-                                                    and isinstance(rec.get(k), t) and rec[k])]:
+    if bad := [k for k, t in FIELDS.items()
+               if not (isinstance(rec, dict) and isinstance(rec.get(k), t) and rec[k])]:
         raise ValueError(f"missing, empty or mistyped fields {bad}")
     options, answer = rec["options"], rec["answer"].strip().lower()
     if not 2 <= len(options) <= 26 or not all(isinstance(o, str) and o for o in options):
@@ -840,9 +859,8 @@ def parse_record(line, folder):
                    options[ABC.index(answer)], rec["modality"], f"{folder}/{rec['image']}")
 
 def jsonl_data(a: Args):
-    """Every record and image checked first (file:line and why). Per
-    modality, a shuffle keyed by the file holds out min(n_test, 20%): no
-    seed trains on a test question."""
+    """Every record and image checked first (file:line and why). A shuffle
+    keyed by the file holds out min(n_test, 20%) a modality, every seed."""
     folder, examples = os.path.dirname(os.path.abspath(a.data)), []
     for number, raw in enumerate(Path(a.data).read_bytes().splitlines(), 1):
         try:
@@ -850,9 +868,7 @@ def jsonl_data(a: Args):
                 examples.append(parse_record(raw.decode("utf-8"), folder))
                 with Image.open(examples[-1].image) as im:
                     im.load()  # a cut image fails here, not in training
-        except UnicodeDecodeError:
-            raise UserError(f"{a.data}:{number}: not UTF-8") from None
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError) as e:  # UnicodeDecodeError too
             raise UserError(f"{a.data}:{number}: {str(e)[:QUOTE]}") from None
     fingerprint = sha(a.data)[:12]
     test, pool = {}, {}
@@ -862,8 +878,7 @@ def jsonl_data(a: Args):
         n = max(1, min(a.n_test, int(len(exs) * HOLDOUT_SHARE)))
         test[m], pool[m] = exs[:n], exs[n:]
     if len(train := pool.get(a.train_modality, [])) < a.batch_prompts:
-        raise UserError(f"{a.data}: {len(train)} {a.train_modality} questions to train on, "
-                        "< --batch-prompts")
+        raise UserError(f"{a.data}: {len(train)} {a.train_modality} questions, < --batch-prompts")
     return Data(list(test), sorted({e.qtype for e in examples}), a.train_modality, train,
                 [], sum(test.values(), []), curve(sum(test.values(), []), a.n_test),
                 train[:a.n_cliff], [], fingerprint)
@@ -878,9 +893,10 @@ def seed_root(a: Args):
 
 def stage_paths(a: Args):
     """The supervised stages' folders; seeds share teacher and base."""
-    return {} if a.student else {"teacher": Path(a.out, f"{tag(a)}-teacher"),
-                                 "base": Path(a.out, f"{tag(a)}-base"),
-                                 "warm-up": seed_root(a) / "student_init"}
+    if a.student:
+        return {}
+    return {"teacher": Path(a.out, f"{tag(a)}-teacher"), "base": Path(a.out, f"{tag(a)}-base"),
+            "warm-up": seed_root(a) / "student_init"}
 
 def run_name(a: Args):
     """rl-{method}, plus its flags off their default (rl-kepo-tau2)."""
@@ -910,7 +926,7 @@ def checksums(folder, names):
 
 def verify(folder, record, name):
     """Each file `record` lists is as written, or one line names it."""
-    for file, digest in record.get("files", {name: None}).items():  # None: old
+    for file, digest in record["files"].items():
         if not Path(folder, file).is_file() or sha(Path(folder, file)) != digest:
             raise UserError(f"{folder}/{file} is damaged or missing (not as {name} "
                             f"recorded): delete {folder} to rebuild it")
@@ -951,14 +967,14 @@ def loaded(what, load, *args, **kwargs):
     try:
         return load(*args, **kwargs)
     except Exception as e:
-        raise UserError(f"{what} cannot be loaded ({type(e).__name__}: "
-                        f"{str(e)[:QUOTE]})") from e
+        why = f"{type(e).__name__}: {str(e)[:QUOTE]}"
+        raise UserError(f"{what} cannot be loaded ({why})") from e
 
 def load_model(path, device, what, dtype=torch.float32):
     """from_pretrained in `dtype` (fp32 unless asked: in a checkpoint's
     bf16, which transformers 5 keeps, a small lr moves no weight)."""
-    auto = AutoModelForImageTextToText
-    return loaded(f"{what} {path}", auto.from_pretrained, path, dtype=dtype).to(device)
+    load = AutoModelForImageTextToText.from_pretrained
+    return loaded(f"{what} {path}", load, path, dtype=dtype).to(device)
 
 def load_checkpoint(path):
     return read(path, partial(torch.load, map_location="cpu", weights_only=True))
@@ -973,13 +989,13 @@ def run_settings(a: Args, cfg, key):
 def differences(then, now, at=""):
     """Where two settings differ, leaf by leaf: "lr 0.1 then, 0.2 now"."""
     if isinstance(then, dict) and isinstance(now, dict):
-        return ", ".join(filter(None, (differences(then.get(k), now.get(k), f"{at}{k}.")
-                                       for k in sorted(then | now))))
+        parts = [differences(then.get(k), now.get(k), f"{at}{k}.") for k in sorted(then | now)]
+        return ", ".join(filter(None, parts))
     return f"{at[:-1]} {then!r} then, {now!r} now"[:200] if then != now else ""
 
 def finished_or_resumable(a: Args, folder, settings):
-    """A finished run's results (reused, files checked), or None to train;
-    refuses to mix settings or overwrite an unfinished run."""
+    """A finished run's results (files checked), or None to train; refuses
+    to mix settings or overwrite an unfinished run."""
     if (folder / "results.json").exists():
         done = read(folder / "results.json")
         if diff := differences(done["settings"], settings):
@@ -1000,9 +1016,9 @@ def finished_or_resumable(a: Args, folder, settings):
 def main(a: Args):
     """Stages 1-3, the premises, then 4-5 per method."""
     start = time.time()
-    cfg = kepo.KEPOConfig(group_size=a.group_size, tau=a.tau, hint_mode=a.hint_mode,
-                          max_new_tokens=a.max_new_tokens, max_hint_tokens=a.max_new_tokens,
-                          micro_batch_size=a.micro_batch or None)
+    cfg = kepo.KEPOConfig(
+        group_size=a.group_size, tau=a.tau, hint_mode=a.hint_mode, max_new_tokens=a.max_new_tokens,
+        max_hint_tokens=a.max_new_tokens, micro_batch_size=a.micro_batch or None)
     where = torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") \
         else f"cpu ({torch.get_num_threads()} threads)"
     todo = [n for n, p in stage_paths(a).items() if not (p / "stage.json").exists()]
@@ -1027,15 +1043,15 @@ def stages(a: Args, cfg):
         proc, teacher, student = checkpoints(a)
     else:
         proc = build_processor()
-        teacher, student = supervised_stages(a, proc, data)
+        teacher, student = supervised_stages(a, proc, data, cfg)
     key = built_from(a, data)
     before = before_rl(a, cfg, proc, teacher, student, data, key)
     small = "; the smoke preset is too small for them" * (a.preset == "smoke")
     print(f"premises (before RL; methods compare where they hold, ✗ where not{small}):")
     print("\n".join(premises_table(before["premises"], a.seed)))
     teacher = teacher.to(DTYPES[a.dtype]).requires_grad_(False)
-    return Stages(proc, teacher, a.student or str(stage_paths(a)["warm-up"]), data,
-                  before, key)
+    warm = a.student or str(stage_paths(a)["warm-up"])
+    return Stages(proc, teacher, warm, data, before, key)
 
 def built_from(a: Args, data: Data):
     """What premises and runs are built from: stage records (settings and
@@ -1057,9 +1073,8 @@ def run_method(a: Args, cfg, s: Stages):
     res = evaluate(student, s.proc, s.data, cfg, a.device)
     still, was = cliff_mask(student, s.proc, s.data.cliff, cfg, a.device), s.before["cliff_mask"]
     res["cliff_solved"] = sum(w and not n for w, n in zip(was, still)) / max(sum(was), 1)
-    files = checksums(folder, [*LOGS, "rollouts.html", "student"])
-    write_json(folder / "results.json", res | {"run": run_name(a), "settings": settings,
-                                               "files": files})
+    res["files"] = checksums(folder, [*LOGS, "rollouts.html", "student"])
+    write_json(folder / "results.json", res | {"run": run_name(a), "settings": settings})
     (folder / "ckpt.pt").unlink(missing_ok=True)  # student/ holds the result
     return res
 
@@ -1071,14 +1086,10 @@ def cli(a: Args):
         if a.device == "auto":
             a = replace(a, device="cuda" if torch.cuda.is_available() else "cpu")
         if a.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {a.device}: torch {torch.__version__} sees no "
-                            "CUDA GPU here (try --device cpu)")
+            raise UserError(f"--device {a.device}: torch sees no CUDA GPU (try --device cpu)")
         main(a)
-    except (UserError, OSError) as e:
-        if isinstance(e, OSError) and e.errno != errno.ENOSPC:
-            raise
-        why = e if isinstance(e, UserError) else f"the disk is full ({e.filename or a.out})"
-        print(f"train_small.py: error: {why}", file=sys.stderr)
+    except UserError as e:
+        print(f"train_small.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"\ninterrupted: {a.out}/ keeps finished stages and RL checkpoints: "
