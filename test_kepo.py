@@ -27,7 +27,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 import kepo
 
-# ---- Factories: a tokenizer, tiny VLMs, prompts, rollouts, a scripted policy, a step ----
+# ---- Factories: tokenizer, tiny VLMs, prompts, rollouts, scripted policy, step ----
 WORDS = "what finding is shown options a b c d look at lesion large small round answer hint".split()
 TAGS = ["<think>", "</think>", "<answer>", "</answer>", "<hint>", "</hint>"]
 N_IMG = 4  # image tokens per prompt: a 16x16 image in 8x8 patches
@@ -116,8 +116,8 @@ def scripted_step(tok, answers=("b", "a"), teacher_rule=lambda i, row: "<hint> l
     """A step's pieces: a student right with a hint (the letter after "answer"), else
     bare(row); a teacher, prompts, hint prompts, a config."""
     hint, word = tok.convert_tokens_to_ids("hint"), tok.convert_tokens_to_ids("answer")
-    student = ScriptedVLM(tok, lambda i, row: answer(tok.decode(row[row.index(word) + 1]))
-                          if hint in row else bare(i))
+    student = ScriptedVLM(tok, lambda i, row: answer(
+        tok.decode(row[row.index(word) + 1])) if hint in row else bare(i))
     teacher, prompts = ScriptedVLM(tok, teacher_rule, 48, 1), prompt_batch(tok, ["what"] * 2)
     hints = kepo.HintPrompts(prompts.select, lambda idx, h: prompt_batch(
         tok, [f"hint {x} answer {answers[i]}" for i, x in zip(idx, h)]))
@@ -240,9 +240,10 @@ def test_qwen2_vl_flattened_patches_score_and_train(device):
     assert scoring_matches_generate(model, tok, prompts.select([0, 0, 1, 1]), device)
     before = [p.detach().clone() for p in model.parameters()]
     cfg = kepo.KEPOConfig(group_size=2, max_new_tokens=4, max_attempts=1, tau=0.0, hint_mode="always")
-    m = kepo.kepo_step(model, torch.optim.SGD(model.parameters(), lr=0.5), tok, prompts, ["A", "B"],
-                       cfg, "kepo", tiny_qwen2_vl(1, device)[0], tiny_qwen2_vl(2, device)[0],
-                       kepo.HintPrompts(prompts.select, lambda idx, h: prompts.select(idx)))
+    m = kepo.kepo_step(
+        model, torch.optim.SGD(model.parameters(), lr=0.5), tok, prompts, ["A", "B"], cfg, "kepo",
+        tiny_qwen2_vl(1, device)[0], tiny_qwen2_vl(2, device)[0],
+        kepo.HintPrompts(prompts.select, lambda idx, h: prompts.select(idx)))
     assert all(map(math.isfinite, m.values())) and m["gate_frac"] == 1.0 and m["hint_groups"] == 2
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -356,8 +357,8 @@ def test_generalized_jsd_chunks_endpoints_bounds_and_edge_cases(monkeypatch):
     assert results[1][0] == pytest.approx(results[0][0], abs=1e-6)
     torch.testing.assert_close(results[1][1], results[0][1], atol=1e-7, rtol=0)
     s, ones = torch.randn(2, 4, 7), torch.ones(2, 4)
-    forward = F.kl_div(s.log_softmax(-1), t[:2, :4, :7].log_softmax(-1), reduction="sum",
-                       log_target=True) / 8  # KL(teacher || student): GKD's beta = 0
+    forward = F.kl_div(  # KL(teacher || student): GKD's beta = 0
+        s.log_softmax(-1), t[:2, :4, :7].log_softmax(-1), reduction="sum", log_target=True) / 8
     assert torch.allclose(kepo.generalized_jsd(s, t[:2, :4, :7], ones, 0.0, 1.0), forward, atol=1e-6)
     assert kepo.generalized_jsd(s, s * 50, ones, 0.5, 1.0) <= math.log(2) + 1e-6
     s.requires_grad_(True)
@@ -425,8 +426,8 @@ def test_micro_batches_give_one_pass_and_bf16_models_keep_fp32_maths(tok):
         student.register_forward_pre_hook(
             lambda m, a, k: rows.append(len(k["input_ids"])), with_kwargs=True)
         cfg = kepo.KEPOConfig(group_size=2, micro_batch_size=size)
-        results.append((kepo.kepo_backward(student, teacher, r, rewards, "kdpo", cfg, None, []),
-                        grads(student)))
+        parts = kepo.kepo_backward(student, teacher, r, rewards, "kdpo", cfg, None, [])
+        results.append((parts, grads(student)))
     assert rows == [8] + [1] * 8 + [3, 3, 2, 8]
     for parts, grad in results[1:]:
         assert parts["loss"] == pytest.approx(results[0][0]["loss"], abs=1e-6)
@@ -500,8 +501,8 @@ def test_the_step_zeroes_clips_and_applies_its_gradient(tok, monkeypatch):
     assert all(runs[1][f"time/{k}"] == 1 for k in ("generate", "hints", "loss_backward"))
     before = [p.detach().clone() for p in student.parameters()]
     step(student, tok, prompts, cfg, "kepo", teacher, None, hints, lr=1.0)
-    moved = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, student.parameters())
-                       if p.grad is not None])
+    moved = torch.cat([(b - p.detach()).flatten()
+                       for b, p in zip(before, student.parameters()) if p.grad is not None])
     assert torch.allclose(moved, grads(student), rtol=0, atol=1e-7) and moved.abs().max() > 1e-6
 
 @pytest.mark.parametrize("trigger", kepo.CLIFF_TRIGGERS)
@@ -546,8 +547,8 @@ def test_rule_injection_keeps_the_hint_free_prompt_and_the_trace_is_the_steps(to
         jsd_sum = sum(t.sum().item() for t in trace["jsd"])
         assert jsd_sum == pytest.approx(m["distill_loss"] * r.completion_mask[gate].sum().item())
         assert ("replaced" in trace) == (method == "kepo")
-    assert trace["replaced"] == {0: (0, 0, "c"), 1: (0, 1, answer("c")), 4: (1, 0, "c"),
-                                 5: (1, 1, answer("c"))}
+    assert trace["replaced"] == {
+        0: (0, 0, "c"), 1: (0, 1, answer("c")), 4: (1, 0, "c"), 5: (1, 1, answer("c"))}
     assert rewards.tolist() == [2, 2, 1, 1, 2, 2, 1, 1] and m["hint_injected"] == 4
     assert (trace["advantages"][rewards == 2] > 0).all() and m["distill_loss"] > 0
     assert [r.texts[i] for i in (0, 1, 4, 5)] == [s.text for g in (0, 1) for s in trace["hinted"][g]]
@@ -570,9 +571,9 @@ def test_rule_each_correct_hinted_sample_is_accepted_on_its_own(tok):
 def test_rule_injection_replaces_distinct_failed_slots_first(tok):
     """A group's K slots are distinct rows, lowest reward first; other rows untouched."""
     seqs = [torch.full((1 + i % 3,), i + 10) for i in range(12)]
+    masks = [torch.ones_like(s, dtype=torch.int) for s in seqs]
     r = kepo.Rollouts(prompt_batch(tok, [f"p{i}" for i in range(12)]), pad_sequence(seqs, True),
-                      pad_sequence([torch.ones_like(s, dtype=torch.int) for s in seqs], True),
-                      [f"t{i}" for i in range(12)])
+                      pad_sequence(masks, True), [f"t{i}" for i in range(12)])
     new = [kepo.Hinted(torch.tensor([7] * 5), "h0", True, True),
            kepo.Hinted(torch.tensor([8]), "h1", True, True)]
     rewards = torch.tensor([1.0, 0, 2, 0, 0, 0, 0, 0, 2, 1, 0, 1])
@@ -867,6 +868,10 @@ def test_bad_flags_are_refused_in_one_line_before_any_work(tmp_path, flags, mess
     assert len(proc.stderr.strip().splitlines()) == 1  # no usage block
     assert not list((tmp_path / "runs").glob("*"))
 
+def test_help_shows_every_default():
+    shown = " ".join(run_script("--help").stdout.split())
+    assert all(f"(default: {f.default})" in shown for f in fields(ts.Args))
+
 def full_disk(path):  # torch.save writes until the disk is full, then says so thus
     with open(path, "w") as f:
         f.write("the first")
@@ -919,7 +924,7 @@ def test_toy_questions_prompts_and_pixels():
     fast, slow = fast.vision["pixel_values"], slow.vision["pixel_values"]
     torch.testing.assert_close(fast, slow, atol=1e-6, rtol=0)
 
-def test_chance_the_premises_and_coherence_by_hand():
+def test_chance_the_premises_and_coherence_by_hand(monkeypatch):
     q = lambda m, t, n: ts.Example(None, t, "q", tuple("wxyz"[:n]), "a", "", m)  # noqa
     exs = [q("mri", "anatomy", 4), q("mri", "attribute", 2), q("ct", "grading", 3),
            q("ct", "attribute", 3), q("oct", "anatomy", 4)]
@@ -942,23 +947,23 @@ def test_chance_the_premises_and_coherence_by_hand():
              "<think> size medium a </think> <answer> a </answer>",  # wrong but coherent
              "<think> size large b </think> <answer> c </answer>", "<think> size large b </think>"]
     assert ts.coherent([e] * 5, texts).tolist() == [1, 0, 1, 0, 0]
+    monkeypatch.setattr(ts, "correctness", lambda *_: None)  # the teacher's own check
+    for bad in ({}, {"q/grading": 0.94}, {"oct": 0.89}):  # at CHECK_MINS, under
+        monkeypatch.setattr(ts, "summarize", lambda *_: r(0.95) | bad)
+        assert ts.teacher_check(None, None, None, ts.Args(n_pool=1), None)["holds"] == (not bad)
 
-def test_the_toy_teacher_trains_on_until_its_own_check_holds(tmp_path, monkeypatch):
+def test_the_toy_teacher_trains_on_until_its_check_holds(tmp_path, monkeypatch):
     proc, done = ts.build_processor(), []
     monkeypatch.setattr(ts, "sft_steps", lambda *args: done.append(list(args[5])))
     config = {"steps": 3, "batch": 1, "lr": 1.0, "check": {"every": 2, "cap": 7}}
-    for at in (5, 8):  # holds from step 5; never: on to the cap
-        done.clear()
-        ts.sft_stage(ts.Args(device="cpu"), tmp_path / str(at), proc, lambda: ts.build_vlm(
-            proc.tokenizer, 16, 1), list, 0, config, "", lambda m: {"holds": done[-1][-1] >= at})
-        check = json.loads((tmp_path / str(at) / "stage.json").read_text())["check"]
+    init = lambda: ts.build_vlm(proc.tokenizer, 16, 1)  # noqa
+    for at in (5, 8):  # holds from step 5; never
+        ts.sft_stage(ts.Args(device="cpu"), tmp_path / str(at), proc, init, list, 0, config, "",
+                     lambda model: {"holds": done[-1][-1] >= at})
         assert done == [[1, 2, 3], [4, 5], [6, 7]][:2 + (at > 5)]
-        assert check == {"holds": at == 5, "steps": min(at, 7)}
-    monkeypatch.setattr(ts, "correctness", lambda *_: None)
-    good = {m: 0.95 for m in ts.MODALITIES} | {f"q/{q}": 0.95 for q in ts.QUESTIONS}
-    for bad in ({}, {"q/grading": 0.94}, {"oct": 0.89}):  # at CHECK_MINS; under
-        monkeypatch.setattr(ts, "summarize", lambda *_: good | bad)
-        assert ts.teacher_check(None, proc, None, ts.Args(n_pool=1), None)["holds"] == (not bad)
+        record = ts.read(tmp_path / str(at) / "stage.json")
+        assert record["check"] == {"holds": at == 5, "steps": min(at, 7)}
+        done.clear()
 
 def test_the_warm_up_lists_biased_answers_first_unless_hinted():
     """The cliff's cause: the BIASED types' answer is always option a in the warm-up."""
@@ -1043,17 +1048,17 @@ def test_a_jsonl_image_cut_short_or_a_line_not_utf8_names_file_and_line(tmp_path
     image.write_bytes(image.read_bytes()[:len(image.read_bytes()) // 2])  # the header survives
     assert jsonl_error(path).startswith(f"{path}:4: ")
     path.write_bytes(path.read_bytes().replace(b"what", b"wh\xe4t", 1))
-    assert jsonl_error(path).startswith(f"{path}:1: 'utf-8' codec can't decode")
+    assert jsonl_error(path).startswith(f"{path}:1: 'utf-8' codec")
     for ckpt in ("s", "t"):  # the data are read before the checkpoints
         (tmp_path / ckpt).mkdir()
         (tmp_path / ckpt / "config.json").write_text("{}")
     proc = run_script("--data", str(path), "--student", "s", "--teacher", "t", cwd=tmp_path)
-    assert refused(proc, f"^train_small.py: error: {path}:1: 'utf-8' codec can't decode")
+    assert refused(proc, f"^train_small.py: error: {path}:1: 'utf-8' codec")
 
 def test_a_jsonl_test_question_is_never_trained_on_whatever_the_seed(tmp_path):
     path, _ = write_jsonl(tmp_path)
-    splits = [ts.jsonl_data(ts.Args(**ts.PRESETS["smoke"], data=str(path), seed=s,
-                                    student="s", teacher="t")) for s in (1, 2)]
+    a = ts.Args(**ts.PRESETS["smoke"], data=str(path), student="s", teacher="t")
+    splits = [ts.jsonl_data(replace(a, seed=s)) for s in (1, 2)]
     key = lambda e: (e.image, e.question)  # noqa
     assert [key(e) for e in splits[0].test] == [key(e) for e in splits[1].test]
     assert not {key(e) for e in splits[0].test} & {key(e) for e in splits[0].train}
