@@ -435,8 +435,6 @@ def sft_stage(a: Args, path: Path, proc, init, draw_batch, seed, config, title,
         done = until
         if check is None or (checked := check(model) | {"steps": done})["holds"]:
             break
-    if checked:  # holds False at the cap
-        print(f"  [{path.name}] own held-out check: {json.dumps(checked)}")
     def save(d):  # weights, then the record
         model.save_pretrained(d)
         proc.save_pretrained(d)
@@ -470,8 +468,10 @@ def teacher_check(model, proc, cfg, a: Args, data: Data):
         PRETRAIN_SEED, "teacher-check", m, min(CHECK_N, a.n_pool))])
     t = summarize(exs, correctness(model, proc, exs, cfg, a.device), data)
     worst = teacher_premises(t, CHECK_MINS)
-    return {n.split(", worst ")[1]: round(v, 3) for n, v, *_ in worst} | {
-        "holds": all(v >= lo for _, v, lo, _ in worst)}
+    res = {n.split(", worst ")[1]: round(v, 3) for n, v, *_ in worst}
+    res["holds"] = all(v >= lo for _, v, lo, _ in worst)  # False: train on
+    print(f"  the teacher's own held-out check: {json.dumps(res)}")
+    return res
 
 def teacher_batch(rng, n, pool):
     """Fresh questions on pool images; HINT_SHARE ask for a hint."""
