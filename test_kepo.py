@@ -719,7 +719,7 @@ def test_smoke_pipeline_trains_at_every_step_and_the_student_reloads(smoke):
     assert all(m in next(x for x in stdout.splitlines() if "mri*" in x) for m in ts.MODALITIES)
     assert re.search(r"\| base student names the organ, worst modality \(\w+\) \| [0-9.]+", stdout)
     before = json.loads((out / "smoke-seed1" / "before_rl.json").read_text())
-    assert len(before["premises"]) == 6 and "| chance |" in stdout
+    assert len(before["premises"]) == 6 and "| chance |" in stdout and "too small for" in stdout
     lines = metrics(out)
     assert [m["step"] for m in lines] == list(range(1, 7))
     assert all(m["grad_norm"] > 0 and m["loss"] != 0 and m["reward_std"] > 0 and m["gate_frac"] > 0
@@ -947,7 +947,7 @@ def test_chance_the_premises_and_coherence_by_hand(monkeypatch):
              "<think> size medium a </think> <answer> a </answer>",  # wrong but coherent
              "<think> size large b </think> <answer> c </answer>", "<think> size large b </think>"]
     assert ts.coherent([e] * 5, texts).tolist() == [1, 0, 1, 0, 0]
-    monkeypatch.setattr(ts, "correctness", lambda *_: None)  # the teacher's own check
+    monkeypatch.setattr(ts, "correctness", lambda *_: None)
     for bad in ({}, {"q/grading": 0.94}, {"oct": 0.89}):  # at CHECK_MINS, under
         monkeypatch.setattr(ts, "summarize", lambda *_: r(0.95) | bad)
         assert ts.teacher_check(None, None, None, ts.Args(n_pool=1), None)["holds"] == (not bad)
