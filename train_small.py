@@ -415,8 +415,8 @@ def stage_config(a: Args, size, steps, lr):
 def sft_stage(a: Args, path: Path, proc, init, draw_batch, seed, config, title,
               check=None):
     """The model in `path` if built with `config`, else init() trained on
-    draw_batch(rng, n), saved with its record (stage.json); check(model):
-    on, every config["check"]["every"] steps, until it holds or the cap."""
+    draw_batch(rng, n) and saved (stage.json); with check, on by "every"
+    steps of config["check"] until check(model) holds, or to its "cap"."""
     if (path / "stage.json").exists():
         record = read(path / "stage.json")
         if diff := differences(record["config"], as_json(config)):
